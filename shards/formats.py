@@ -76,10 +76,19 @@ def _floats(line: str, source: str, number: int, count: int | None, what: str) -
     return values
 
 
-def parse_krt(text: str, source: str = "KRT") -> dict[str, Camera]:
-    """Parse a KRT calibration file into cameras keyed by name, in file order."""
+def parse_krt(text: str, source: str = "KRT", broken: dict[str, str] | None = None) -> dict[str, Camera]:
+    """Parse a KRT calibration file into cameras keyed by name, in file order.
+
+    Args:
+        text: the file's content.
+        source: the name used in error messages.
+        broken: if given, a block with malformed numbers is recorded here (camera name ->
+            error message) and left out instead of failing the whole file; the cameras after it
+            keep their KRT index. Without it, the first malformed block raises.
+    """
     lines = text.splitlines()
     cameras: dict[str, Camera] = {}
+    index = 0
     i = 0
     while i < len(lines):
         if not lines[i].strip():
@@ -89,25 +98,32 @@ def parse_krt(text: str, source: str = "KRT") -> dict[str, Camera]:
         name = lines[i].strip()
         if len(name.split()) != 1:
             raise FormatError(source, "a camera name line (one word)", i + 1, lines[i])
-        if name in cameras:
+        if name in cameras or (broken is not None and name in broken):
             raise FormatError(source, f"each camera once; {name!r} appears again", i + 1, lines[i])
-        if i + 7 > len(lines):
+        if i + 8 > len(lines):
             raise FormatError(source, f"7 lines (K, distortion, [R|t]) after camera {name!r}", i + 1)
-        intrin = [_floats(lines[i + 1 + r], source, i + 2 + r, 3, "intrinsic row") for r in range(3)]
-        dist = _floats(lines[i + 4], source, i + 5, None, "distortion coefficients")
-        extrin = [_floats(lines[i + 5 + r], source, i + 6 + r, 4, "extrinsic row") for r in range(3)]
-        if i + 7 < len(lines) and lines[i + 7].strip():
-            raise FormatError(source, f"a blank line after camera {name!r}", i + 8, lines[i + 7])
-        i += 8
-        cameras[name] = Camera(
-            name=name,
-            index=len(cameras),
-            intrin=np.array(intrin, dtype=np.float64),
-            dist=np.array(dist, dtype=np.float64),
-            extrin=np.array(extrin, dtype=np.float64),
-            text="\n".join(lines[start : start + 8]).rstrip("\n") + "\n\n",
-        )
-    if not cameras:
+        try:
+            intrin = [_floats(lines[i + 1 + r], source, i + 2 + r, 3, "intrinsic row") for r in range(3)]
+            dist = _floats(lines[i + 4], source, i + 5, None, "distortion coefficients")
+            extrin = [_floats(lines[i + 5 + r], source, i + 6 + r, 4, "extrinsic row") for r in range(3)]
+        except FormatError as error:
+            if broken is None:
+                raise
+            broken[name] = str(error)
+        else:
+            cameras[name] = Camera(
+                name=name,
+                index=index,
+                intrin=np.array(intrin, dtype=np.float64),
+                dist=np.array(dist, dtype=np.float64),
+                extrin=np.array(extrin, dtype=np.float64),
+                text="\n".join(lines[start : start + 8]) + "\n\n",
+            )
+        if i + 8 < len(lines) and lines[i + 8].strip():
+            raise FormatError(source, f"a blank line after camera {name!r}", i + 9, lines[i + 8])
+        index += 1
+        i += 9
+    if not cameras and not broken:
         raise FormatError(source, "at least one camera block")
     return cameras
 

@@ -1,0 +1,246 @@
+"""Streaming training data: verified shards over HTTP (or a local folder) into batches.
+
+The pipeline, per DataLoader worker: shards of this (rank, worker) slot for the epoch ->
+fetched whole and checked against the manifest (size, sha256; a shard that fails is refused
+before any of its samples is used) -> WebDataset tar expansion, keeping only the members the
+run needs -> camera filter -> shuffle buffer -> ``shards.decode`` into the reference fields.
+
+Every rank gets at least one shard per epoch and the stream never ends (epochs follow one
+another with a new seeded shuffle), so the trainer decides the steps per epoch from the
+manifest and every rank runs the same number of steps with any shard count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, members_needed
+from shards.errors import IntegrityError
+from shards.manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, parse_manifest
+from shards.samples import DEFAULT_TEST_PREFIXES, SampleKey, select_expressions
+
+TOKEN_ENV = "MULTIFACE_TOKEN"
+SPOOL_BYTES = 64 << 20
+
+
+class ShardSource:
+    """A manifest and its files, from a data service URL or a local shard folder.
+
+    Args:
+        location: ``http(s)://.../manifest.json`` of the data service, a local
+            ``manifest.json`` or the entity's shard folder.
+        token: bearer token for the data service (default: the ``MULTIFACE_TOKEN`` variable).
+        stall_timeout: seconds without a byte before a download is abandoned and retried.
+    """
+
+    def __init__(self, location: str, token: str | None = None, stall_timeout: float = 60.0):
+        self.location = location
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.stall_timeout = stall_timeout
+        self.remote = location.startswith(("http://", "https://"))
+        if self.remote:
+            if not location.endswith(MANIFEST_NAME):
+                raise ValueError(f"--shards {location!r}: a data-service URL must end with /{MANIFEST_NAME}")
+            self.base = location[: -len(MANIFEST_NAME)]
+        else:
+            path = Path(location)
+            self.base = str(path.parent if path.name == MANIFEST_NAME else path)
+            if not (Path(self.base) / MANIFEST_NAME).is_file():
+                raise FileNotFoundError(
+                    f"--shards {location!r}: no {MANIFEST_NAME} there; run 'multiface ingest' first"
+                )
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> Manifest:
+        if self.remote:
+            from shards.remote import open_manifest
+
+            return open_manifest(self.location, token=self.token, timeout=self.stall_timeout)
+        path = Path(self.base) / MANIFEST_NAME
+        return parse_manifest(path.read_bytes(), str(path))
+
+    def open_verified(self, entry: FileEntry) -> BinaryIO:
+        """The file's bytes after its size and sha256 matched the manifest, positioned at 0."""
+        spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
+        if self.remote:
+            from shards.remote import fetch_file
+
+            fetch_file(
+                self.base, entry.name, spool, entry, token=self.token, stall_timeout=self.stall_timeout
+            )
+        else:
+            digest = hashlib.sha256()
+            with open(Path(self.base) / entry.name, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                    spool.write(chunk)
+            if spool.tell() != entry.bytes or digest.hexdigest() != entry.sha256:
+                spool.close()
+                raise IntegrityError(
+                    f"{self.base}/{entry.name}: {spool.tell()} bytes with sha256 {digest.hexdigest()}, "
+                    f"manifest says {entry.bytes} bytes, {entry.sha256}; refusing this shard "
+                    "(re-ingest it, or run 'multiface verify')"
+                )
+        spool.seek(0)
+        return spool
+
+    def metadata(self) -> EntityMetadata:
+        files = {}
+        for entry in self.manifest.metadata:
+            with self.open_verified(entry) as handle:
+                files[Path(entry.name).name] = handle.read()
+        return EntityMetadata.from_files(files)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which samples a run reads: expressions by prefix (the reference rule) and cameras."""
+
+    test_prefixes: tuple[str, ...] = DEFAULT_TEST_PREFIXES
+    train_cameras: tuple[str, ...] | None = None
+    test_cameras: tuple[str, ...] | None = None
+
+    def wants_expression(self, expression: str, part: str) -> bool:
+        if part == "train":
+            return select_expressions(expression, exclude_prefix=self.test_prefixes)
+        return select_expressions(expression, valid_prefix=self.test_prefixes)
+
+    def cameras(self, part: str) -> tuple[str, ...] | None:
+        return self.train_cameras if part == "train" else self.test_cameras
+
+
+def select_shards(manifest: Manifest, split: Split, part: str) -> tuple[list[ShardEntry], int]:
+    """Shards holding samples of ``part`` ("train" or "test"), and how many samples they give."""
+    if part not in ("train", "test"):
+        raise ValueError(f"part {part!r}: expected 'train' or 'test'")
+    cameras = split.cameras(part)
+    chosen, total = [], 0
+    for shard in sorted(manifest.shards, key=lambda shard: shard.name):
+        if not all(split.wants_expression(expression, part) for expression in shard.expressions):
+            continue
+        count = sum(
+            n for camera, n in shard.samples_per_camera.items() if cameras is None or camera in cameras
+        )
+        if count:
+            chosen.append(shard)
+            total += count
+    return chosen, total
+
+
+def slot_shards(
+    shards: Sequence[ShardEntry], epoch: int, seed: int, slot: int, num_slots: int
+) -> list[ShardEntry]:
+    """The shards one (rank, worker) slot reads in an epoch.
+
+    Shards are shuffled with ``(seed, epoch)`` and dealt round-robin. With fewer shards than
+    slots the list is repeated so that no slot is ever empty (a rank that runs dry would hang
+    the others at the next collective).
+    """
+    order = list(shards)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    repeats = -(-num_slots // max(1, len(order)))
+    return (order * repeats)[slot::num_slots]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An endless, epoch-by-epoch stream of decoded samples for one rank.
+
+    Args:
+        source: where the shards are.
+        shards: the shards of this split (see :func:`select_shards`).
+        num_samples: samples of the split in those shards.
+        split, part: camera and expression selection.
+        rank, world_size: this process's place in the job.
+        tex_size: texture side passed to the decoder.
+        fields: reference fields to decode (leave out ``photo`` when the screen loss is off).
+        seed: shuffle seed; the shard order of epoch e is the same on every rank.
+        shuffle_buffer: samples held for shuffling, per worker.
+        start_epoch: first epoch (a resumed run continues the shuffle sequence).
+    """
+
+    def __init__(
+        self,
+        source: ShardSource,
+        shards: Sequence[ShardEntry],
+        num_samples: int,
+        split: Split,
+        part: str,
+        rank: int,
+        world_size: int,
+        tex_size: int,
+        fields: Sequence[str] = ALL_FIELDS,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        start_epoch: int = 0,
+    ):
+        super().__init__()
+        if not shards:
+            raise ValueError(
+                f"no shard holds {part} samples; check --test_segment_config and --camera_config"
+            )
+        self.source = source
+        self.shards = list(shards)
+        self.num_samples = num_samples
+        self.split = split
+        self.part = part
+        self.rank = rank
+        self.world_size = world_size
+        self.tex_size = tex_size
+        self.fields = tuple(fields)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.start_epoch = start_epoch
+        self._needed = members_needed(self.fields)
+        self._meta: EntityMetadata | None = None
+
+    def _slot(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _verified_streams(self, epoch: int) -> Iterator[dict]:
+        slot, num_slots = self._slot()
+        for shard in slot_shards(self.shards, epoch, self.seed, slot, num_slots):
+            yield {"url": shard.name, "stream": self.source.open_verified(shard)}
+
+    def _keep_member(self, name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return base.split(".", 1)[-1] in self._needed
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._meta is None:
+            self._meta = self.source.metadata()
+        cameras = self.split.cameras(self.part)
+        slot, num_slots = self._slot()
+        rng = random.Random(f"{self.seed}/buffer/{slot}")
+        # The buffer never needs to outgrow one slot's share of an epoch: on a small split a
+        # full-size buffer would only re-read the same shards before the first sample.
+        buffer_size = max(1, min(self.shuffle_buffer, self.num_samples // num_slots))
+        buffer: list[dict] = []
+        epoch = self.start_epoch
+        while True:
+            files = tar_file_expander(self._verified_streams(epoch), select_files=self._keep_member)
+            for sample in group_by_keys(files):
+                key = SampleKey.from_key(sample["__key__"])
+                if not self.split.wants_expression(key.expression, self.part):
+                    continue
+                if cameras is not None and key.camera not in cameras:
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= buffer_size:
+                    yield self._decode(buffer.pop(rng.randrange(len(buffer))))
+            epoch += 1
+
+    def _decode(self, sample: dict) -> dict:
+        assert self._meta is not None
+        return decode_sample(sample, self._meta, self.tex_size, self.fields)
