@@ -13,7 +13,7 @@ from pathlib import Path
 ENTITY_NAME_RE = re.compile(r"^m--(?P<date>\d{8})--(?P<time>\d{4})--(?P<entity_id>[0-9A-Za-z]+)--GHS$")
 """Root folder name of an entity, e.g. ``m--20180227--0000--6795937--GHS``."""
 
-EXPRESSION_RE = re.compile(r"^[A-Za-z0-9_]+$")
+EXPRESSION_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # real names hold hyphens: SEN_a_voice_spoke_near-at-hand
 FRAME_RE = re.compile(r"^\d{6}$")
 CAMERA_RE = re.compile(r"^\d+$")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,10 +85,11 @@ class ShardSource:
                 while chunk := handle.read(1 << 20):
                     digest.update(chunk)
                     spool.write(chunk)
-            if spool.tell() != entry.bytes or digest.hexdigest() != entry.sha256:
+            size = spool.tell()
+            if size != entry.bytes or digest.hexdigest() != entry.sha256:
                 spool.close()
                 raise IntegrityError(
-                    f"{self.base}/{entry.name}: {spool.tell()} bytes with sha256 {digest.hexdigest()}, "
+                    f"{self.base}/{entry.name}: {size} bytes with sha256 {digest.hexdigest()}, "
                     f"manifest says {entry.bytes} bytes, {entry.sha256}; refusing this shard "
                     "(re-ingest it, or run 'multiface verify')"
                 )
@@ -202,6 +204,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_epoch = start_epoch
         self._needed = members_needed(self.fields)
         self._meta: EntityMetadata | None = None
+        self.refused: list[str] = []
 
     def _slot(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -211,7 +214,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _verified_streams(self, epoch: int) -> Iterator[dict]:
         slot, num_slots = self._slot()
         for shard in slot_shards(self.shards, epoch, self.seed, slot, num_slots):
-            yield {"url": shard.name, "stream": self.source.open_verified(shard)}
+            try:
+                stream = self.source.open_verified(shard)
+            except IntegrityError as error:
+                # Refused, reported, never trained on; the other shards go on.
+                self.refused.append(shard.name)
+                print(f"rank {self.rank}: refused shard {shard.name}: {error}", file=sys.stderr, flush=True)
+                continue
+            yield {"url": shard.name, "stream": stream}
 
     def _keep_member(self, name: str) -> bool:
         base = name.rsplit("/", 1)[-1]
@@ -230,6 +240,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch = self.start_epoch
         while True:
             files = tar_file_expander(self._verified_streams(epoch), select_files=self._keep_member)
+            taken = 0
             for sample in group_by_keys(files):
                 key = SampleKey.from_key(sample["__key__"])
                 if not self.split.wants_expression(key.expression, self.part):
@@ -237,8 +248,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if cameras is not None and key.camera not in cameras:
                     continue
                 buffer.append(sample)
+                taken += 1
                 if len(buffer) >= buffer_size:
                     yield self._decode(buffer.pop(rng.randrange(len(buffer))))
+            if taken == 0:
+                raise RuntimeError(
+                    f"rank {self.rank}: no usable sample in a whole epoch of its shards "
+                    f"(refused: {', '.join(self.refused) or 'none'}); check 'multiface verify' on the server"
+                )
             epoch += 1
 
     def _decode(self, sample: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Multiface trainer: models, losses, rendering and the training loop over streamed shards."""

@@ -1,0 +1,300 @@
+"""The training loop: streaming DDP training of the reference models with the reference losses.
+
+Differences from the reference's train.py, each a fix of a defect it has (reference section 5):
+the loss-spike skip is decided on all ranks together; each epoch reshuffles; validation is
+all-reduced and uses z = mean without touching the trained colour correction; checkpoints are
+complete and atomic; images are written without crashing when the screen loss is on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shards.formats import read_camera_split, read_test_segment
+from shards.samples import DEFAULT_TEST_PREFIXES
+from trainer import checkpointing
+from trainer.config import TrainConfig
+from trainer.data import ShardSource, ShardStream, Split, select_shards
+from trainer.distributed import DistEnv, agree_any, all_reduce_mean, barrier
+from trainer.images import grid
+from trainer.models import build_model, load_weights
+from trainer.step import Statistics, run_net, to_device
+
+LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
+UNITS = {
+    "total_loss": "weighted sum",
+    "vert_loss": "normalised vertex units",
+    "tex_loss": "8-bit MSE / texstd^2",
+    "screen_loss": "8-bit MSE / texstd^2",
+    "kl": "per latent dim",
+}
+
+
+def build_split(config: TrainConfig) -> Split:
+    prefixes = tuple(DEFAULT_TEST_PREFIXES)
+    if config.test_segment_config:
+        prefixes = tuple(read_test_segment(Path(config.test_segment_config)))
+    train_cameras = test_cameras = None
+    if config.camera_config:
+        split = read_camera_split(Path(config.camera_config))
+        train_cameras, test_cameras = tuple(split["train"]) or None, tuple(split["test"]) or None
+    return Split(prefixes, train_cameras, test_cameras)
+
+
+def fields_for(config: TrainConfig) -> tuple[str, ...]:
+    """Decoded fields a run needs: no photo without the screen loss."""
+    fields = ["tex", "avg_tex", "mask", "aligned_verts", "M", "view", "cam", "exp", "frame", "cam_idx"]
+    if config.screen_loss:
+        fields += ["photo", "uvs", "vert_ids", "uv_ids"]
+    return tuple(fields)
+
+
+class Trainer:
+    """Builds data, model and optimisers from a config and runs training on this rank."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv):
+        self.config = config
+        self.env = env
+        self.result_path = Path(config.result_path)
+        self.source = ShardSource(config.shards, stall_timeout=config.stall_timeout)
+        self.meta = self.source.metadata()
+        self.split = build_split(config)
+        self.weights = {
+            "lambda_verts": config.lambda_verts,
+            "lambda_tex": config.lambda_tex,
+            "lambda_screen": config.lambda_screen,
+            "lambda_kl": config.lambda_kl,
+        }
+        self.stats = Statistics.build(self.meta, config.tex_size, env.device, config.loss_weight_mask)
+        self.renderer = None
+        if config.screen_loss:
+            from trainer.render import Renderer
+
+            self.renderer = Renderer(env.device, antialias=config.antialias)
+        torch.manual_seed(config.seed)
+        num_cams = len(self.meta.cameras)
+        self.model = build_model(config.arch, config.tex_size, config.mesh_inp_size, config.nlatent, num_cams)
+        self.model.to(env.device)
+        if config.model_ckpt:
+            load_weights(self.model, config.model_ckpt)
+        self.ddp: nn.Module = self.model
+        if env.world_size > 1:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = torch.optim.Adam(self.model.get_model_params(), config.lr, (0.9, 0.999))
+        self.optimizer_cc = torch.optim.Adam(self.model.get_cc_params(), config.lr, (0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.95)
+        self.step = 0
+        self.epoch = 0
+        self.best = math.inf
+        self.skipped = 0
+        if config.resume:
+            self._resume()
+        self.train_shards, self.num_train = select_shards(self.source.manifest, self.split, "train")
+        self.test_shards, self.num_test = select_shards(self.source.manifest, self.split, "test")
+        per_step = env.world_size * config.train_batch_size
+        if self.num_train < per_step:
+            raise ValueError(
+                f"{self.num_train} training samples cannot fill one step of {env.world_size} ranks x "
+                f"--train_batch_size {config.train_batch_size}; lower the batch size"
+            )
+        self.steps_per_epoch = self.num_train // per_step
+        self.writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.result_path.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.result_path / "tensorboard"))
+
+    def _loader(self, part: str, batch_size: int, start_epoch: int) -> torch.utils.data.DataLoader:
+        shards, count = (
+            (self.train_shards, self.num_train) if part == "train" else (self.test_shards, self.num_test)
+        )
+        stream = ShardStream(
+            self.source,
+            shards,
+            count,
+            self.split,
+            part,
+            self.env.rank,
+            self.env.world_size,
+            self.config.tex_size,
+            fields_for(self.config),
+            seed=self.config.seed,
+            shuffle_buffer=self.config.shuffle_buffer,
+            start_epoch=start_epoch,
+        )
+        workers = self.config.n_worker
+        return torch.utils.data.DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=self.env.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_cc": self.optimizer_cc.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "best": self.best,
+            "skipped": self.skipped,
+            "statistics": {
+                "texmean": self.meta.texmean,
+                "texstd": self.meta.texstd,
+                "vertmean": self.meta.vertmean,
+                "vertstd": self.meta.vertstd,
+            },
+            "cameras": {name: camera.index for name, camera in self.meta.cameras.items()},
+            "entity": self.source.manifest.entity,
+            "config": self.config.to_json(),
+        }
+
+    def _resume(self) -> None:
+        state = checkpointing.load_checkpoint(self.result_path / checkpointing.CHECKPOINT, self.env.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_cc.load_state_dict(state["optimizer_cc"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
+        self.skipped = state.get("skipped", 0)
+        checkpointing.load_rank_rng(self.result_path, self.env.rank)
+        if self.env.is_main:
+            digest = checkpointing.state_digest(self.model.state_dict())
+            print(f"resumed at step {self.step}, epoch {self.epoch} (model sha256 {digest[:16]})", flush=True)
+
+    def save(self, best: bool = False) -> None:
+        checkpointing.save_rank_rng(self.result_path, self.env.rank)
+        barrier()
+        if self.env.is_main:
+            checkpointing.save_checkpoint(self.result_path, self._state(), self.config.to_json(), best)
+        barrier()
+
+    def _log(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def validate(self) -> dict[str, float]:
+        """Mean losses over ``val_num`` test batches on every rank, all-reduced (z = mean)."""
+        if not self.test_shards:
+            return {}
+        self.model.eval()
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        batches = iter(self._loader("test", self.config.val_batch_size, self.epoch))
+        with torch.no_grad():
+            for _ in range(self.config.val_num):
+                batch = to_device(next(batches), self.env.device)
+                losses, _ = run_net(
+                    self.model,
+                    batch,
+                    self.stats,
+                    arch=self.config.arch,
+                    weights=self.weights,
+                    renderer=self.renderer,
+                    resolution=self.config.resolution,
+                    sample=False,
+                )
+                for name in LOSS_NAMES:
+                    sums[name] += float(losses[name])
+        self.model.train()
+        return all_reduce_mean(
+            {name: value / self.config.val_num for name, value in sums.items()}, self.env.device
+        )
+
+    def train(self) -> dict[str, float]:
+        """Run until ``max_iter`` steps (or ``epochs``); returns the last all-reduced losses."""
+        config, env = self.config, self.env
+        last_steps = min(config.max_iter, config.epochs * self.steps_per_epoch)
+        if env.is_main:
+            print(
+                f"train: {self.num_train} samples in {len(self.train_shards)} shards, "
+                f"test: {self.num_test} samples in {len(self.test_shards)} shards; "
+                f"{self.steps_per_epoch} steps per epoch on {env.world_size} rank(s), device {env.device}"
+            )
+        batches = iter(self._loader("train", config.train_batch_size, self.epoch))
+        previous = {name: math.inf for name in ("total_loss", "vert_loss", "kl")}
+        window: dict[str, float] = {}
+        bar = tqdm(
+            total=last_steps, initial=self.step, desc="train", disable=not env.is_main, dynamic_ncols=True
+        )
+        started = time.monotonic()
+        while self.step < last_steps:
+            batch = to_device(next(batches), env.device)
+            losses, outputs = run_net(
+                self.ddp,
+                batch,
+                self.stats,
+                arch=config.arch,
+                weights=self.weights,
+                renderer=self.renderer,
+                resolution=config.resolution,
+            )
+            values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
+            spike = not all(math.isfinite(value) for value in values.values()) or any(
+                values[name] > config.pass_thres * previous[name] for name in previous
+            )
+            if agree_any(spike, env.device):
+                # Every rank skips together: a rank that skipped backward alone would hang DDP.
+                self.skipped += 1
+                continue
+            previous = {name: values[name] for name in previous}
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_cc.zero_grad(set_to_none=True)
+            losses["total_loss"].backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10)
+            self.optimizer.step()
+            self.optimizer_cc.step()
+            self.step += 1
+            bar.update(1)
+            if self.step % self.steps_per_epoch == 0:
+                self.epoch += 1
+                self.scheduler.step()
+            if self.step % config.log_every == 0 or self.step == last_steps:
+                window = all_reduce_mean(values, env.device)
+                self._log("train", window, self.step)
+                if env.is_main:
+                    bar.write(format_losses(f"step {self.step}", window))
+            image_every = config.image_every or config.log_every
+            if env.is_main and self.writer is not None and self.step % image_every == 0:
+                self.writer.add_image(
+                    "train/grid",
+                    grid(batch, outputs, self.stats.texmean, self.stats.texstd),
+                    self.step,
+                    dataformats="HWC",
+                )
+            if self.step % config.val_every == 0 or self.step == last_steps:
+                validation = self.validate()
+                self._log("val", validation, self.step)
+                key = "screen_loss" if config.screen_loss else "tex_loss"
+                improved = bool(validation) and validation[key] < self.best
+                if improved:
+                    self.best = validation[key]
+                if env.is_main and validation:
+                    bar.write(format_losses(f"val  {self.step}", validation))
+                self.save(best=improved)
+        bar.close()
+        # Shards refused for a failed sha256 are reported by the data workers on stderr.
+        print(f"rank {env.rank}: {self.step} steps, {self.skipped} skipped batches", flush=True)
+        if env.is_main:
+            elapsed = time.monotonic() - started
+            print(f"done: {self.step} steps, {self.skipped} skipped batches, {elapsed:.1f} s")
+            if self.writer is not None:
+                self.writer.close()
+        return window
+
+
+def format_losses(title: str, values: dict[str, float]) -> str:
+    parts = [f"{name} {values[name]:.4f}" for name in LOSS_NAMES if name in values]
+    return f"{title}: " + ", ".join(parts) + "  (vert: normalised units; tex/screen: 8-bit MSE / texstd^2)"
