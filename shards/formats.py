@@ -142,7 +142,55 @@ def parse_frame_list(text: str, source: str = "frame_list.txt") -> list[tuple[st
 
 
 def parse_obj(text: str, source: str = "mesh.obj") -> Topology:
-    """Parse an OBJ with ``v``, ``vt`` and triangular ``f a/b c/d e/f`` lines (1-based)."""
+    """Parse an OBJ with ``v``, ``vt`` and triangular ``f a/b c/d e/f`` lines (1-based).
+
+    Well-formed files are parsed in bulk by numpy; a file numpy cannot parse is read again
+    line by line, so that the error names the line and what was expected there.
+    """
+    try:
+        topology = _parse_obj_bulk(text)
+    except ValueError:
+        topology = _parse_obj_lines(text, source)
+    if len(topology.verts) == 0 or len(topology.vert_ids) == 0:
+        raise FormatError(source, "'v' and 'f' lines")
+    if topology.vert_ids.min() < 0 or topology.vert_ids.max() >= len(topology.verts):
+        raise FormatError(source, f"face vertex indices in 1..{len(topology.verts)}")
+    if len(topology.uvs) == 0 or topology.uv_ids.min() < 0 or topology.uv_ids.max() >= len(topology.uvs):
+        raise FormatError(source, f"face uv indices in 1..{len(topology.uvs)}")
+    return topology
+
+
+def _parse_obj_bulk(text: str) -> Topology:
+    """Fast path: every line of a kind has the same shape; raise ValueError otherwise."""
+    kinds: dict[str, list[str]] = {"v": [], "vt": [], "f": []}
+    for line in text.splitlines():
+        kind, _, rest = line.strip().partition(" ")
+        if kind in kinds:
+            kinds[kind].append(rest)
+        elif kind and not kind.startswith("#") and kind not in ("vn", "o", "g", "s", "usemtl", "mtllib"):
+            raise ValueError(kind)
+
+    def table(lines: list[str], columns: int, dtype) -> np.ndarray:
+        values = np.array(" ".join(lines).split(), dtype=dtype)
+        if values.size != columns * len(lines):
+            raise ValueError("ragged")
+        return values.reshape(len(lines), columns)
+
+    uv_columns = len(kinds["vt"][0].split()) if kinds["vt"] else 2
+    corner = kinds["f"][0].split()[0].split("/") if kinds["f"] else ["", ""]
+    if len(corner) < 2 or not corner[1]:
+        raise ValueError("face corners without uv")
+    faces = table([line.replace("/", " ") for line in kinds["f"]], 3 * len(corner), np.int64)
+    faces = faces.reshape(len(kinds["f"]), 3, len(corner))
+    return Topology(
+        verts=table(kinds["v"], 3, np.float32),
+        uvs=np.ascontiguousarray(table(kinds["vt"], uv_columns, np.float32)[:, :2]),
+        vert_ids=(faces[:, :, 0] - 1).astype(np.int32),
+        uv_ids=(faces[:, :, 1] - 1).astype(np.int32),
+    )
+
+
+def _parse_obj_lines(text: str, source: str) -> Topology:
     verts: list[list[float]] = []
     uvs: list[list[float]] = []
     vert_ids: list[list[int]] = []
@@ -153,7 +201,7 @@ def parse_obj(text: str, source: str = "mesh.obj") -> Topology:
             continue
         kind = parts[0]
         if kind == "v":
-            verts.append(_floats(" ".join(parts[1:4]), source, number, 3, "vertex x y z"))
+            verts.append(_floats(" ".join(parts[1:]), source, number, 3, "vertex x y z"))
         elif kind == "vt":
             values = _floats(" ".join(parts[1:]), source, number, None, "texture coordinate u v")
             if len(values) < 2:
@@ -170,19 +218,12 @@ def parse_obj(text: str, source: str = "mesh.obj") -> Topology:
                 raise FormatError(source, "face corners with a uv index, 'vertex/uv'", number, line)
             vert_ids.append([corner[0] for corner in corners])
             uv_ids.append([corner[1] for corner in corners])
-    if not verts or not vert_ids:
-        raise FormatError(source, "'v' and 'f' lines")
-    topology = Topology(
-        verts=np.array(verts, dtype=np.float32),
+    return Topology(
+        verts=np.array(verts, dtype=np.float32).reshape(-1, 3),
         uvs=np.array(uvs, dtype=np.float32).reshape(-1, 2),
-        vert_ids=np.array(vert_ids, dtype=np.int32) - 1,
-        uv_ids=np.array(uv_ids, dtype=np.int32) - 1,
+        vert_ids=np.array(vert_ids, dtype=np.int32).reshape(-1, 3) - 1,
+        uv_ids=np.array(uv_ids, dtype=np.int32).reshape(-1, 3) - 1,
     )
-    if topology.vert_ids.min() < 0 or topology.vert_ids.max() >= len(verts):
-        raise FormatError(source, f"face vertex indices in 1..{len(verts)}")
-    if topology.uv_ids.min() < 0 or topology.uv_ids.max() >= len(uvs):
-        raise FormatError(source, f"face uv indices in 1..{len(uvs)}")
-    return topology
 
 
 def parse_vertices(data: bytes, source: str = "mesh.bin", num_vertices: int = NUM_VERTICES) -> np.ndarray:

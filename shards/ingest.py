@@ -9,11 +9,13 @@ file and the reason; they never stop the run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -52,6 +54,13 @@ DEFAULT_SHARD_SIZE = 1_000_000_000
 SIZE_SAMPLE_COUNT = 32
 TOPOLOGY_NAME = "topology.obj"
 CAMERAS_NAME = "cameras.json"
+
+
+LOCK_NAME = ".ingest.lock"
+
+
+class IngestBusy(RuntimeError):
+    """Another process is ingesting the same entity into the same folder."""
 
 
 class IngestCancelled(Exception):
@@ -159,6 +168,30 @@ def _estimate_sample_bytes(layout: EntityLayout, samples: list[SampleKey]) -> in
     return max(1, sum(sizes) // max(1, len(sizes)) + 4096)
 
 
+FRAME_MEMBERS = ("avg_tex.png", "verts.bin", "transform.txt")
+FRAME_CACHE_ENTRIES = 48
+
+
+def _read_checked(extension: str, path: Path) -> bytes:
+    data = read_bytes(path)
+    if extension.endswith(".png"):
+        check_png(data, str(path))
+    elif extension == "verts.bin":
+        parse_vertices(data, str(path))
+    else:
+        try:
+            parse_transform(data.decode(), str(path))
+        except UnicodeDecodeError:
+            raise FormatError(str(path), "UTF-8 text") from None
+    return data
+
+
+def _remember(cache: OrderedDict, path: Path, value: bytes | FormatError) -> None:
+    cache[path] = value
+    if len(cache) > FRAME_CACHE_ENTRIES:
+        cache.popitem(last=False)
+
+
 class _EntityReader:
     """Reads and validates one sample's files; the metadata it needs is parsed once."""
 
@@ -167,22 +200,33 @@ class _EntityReader:
         self.cameras = cameras
         self.broken = broken
 
-    def read(self, sample: SampleKey) -> dict[str, bytes]:
-        """Return the sample's members in their fixed order; raise ``FormatError`` if unusable."""
+    def read(self, sample: SampleKey, frame_cache: OrderedDict | None = None) -> dict[str, bytes]:
+        """Return the sample's members in their fixed order; raise ``FormatError`` if unusable.
+
+        Args:
+            sample: the sample to read.
+            frame_cache: checked per-frame members (average texture, mesh, pose) shared by the
+                cameras of a frame, so each is read and checked once per shard, not per camera.
+        """
         if sample.camera in self.broken:
             raise FormatError(str(self.layout.krt), f"a well-formed block for camera {sample.camera}")
         members = {}
         for extension, path in _sample_paths(self.layout, sample).items():
-            data = read_bytes(path)
-            if extension.endswith(".png"):
-                check_png(data, str(path))
-            elif extension == "verts.bin":
-                parse_vertices(data, str(path))
+            cached = extension in FRAME_MEMBERS and frame_cache is not None
+            if cached and path in frame_cache:
+                data = frame_cache[path]
+                frame_cache.move_to_end(path)
+                if isinstance(data, FormatError):
+                    raise data
             else:
                 try:
-                    parse_transform(data.decode(), str(path))
-                except UnicodeDecodeError:
-                    raise FormatError(str(path), "UTF-8 text") from None
+                    data = _read_checked(extension, path)
+                except FormatError as error:
+                    if cached:
+                        _remember(frame_cache, path, error)
+                    raise
+                if cached:
+                    _remember(frame_cache, path, data)
             members[extension] = data
         camera = self.cameras[sample.camera]
         members["camera.txt"] = camera.text.encode()
@@ -210,12 +254,13 @@ def _write_shard(
 ) -> tuple[ShardEntry, list[ExcludedSample]]:
     excluded = []
     per_camera: dict[str, int] = {}
+    frame_cache: OrderedDict = OrderedDict()
     with ShardWriter(out / plan.name) as shard:
         for sample in plan.samples:
             if cancel is not None and cancel.is_set():
                 raise IngestCancelled()
             try:
-                members = reader.read(sample)
+                members = reader.read(sample, frame_cache)
             except FormatError as error:
                 excluded.append(ExcludedSample(sample.key, error.source, error.expected))
                 members = None
@@ -303,6 +348,15 @@ def ingest(
     out = Path(out_root) / layout.name
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     progress = progress if progress is not None else IngestProgress()
+    with open(out / LOCK_NAME, "w") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IngestBusy(f"{out}: another ingest of this entity is running; wait for it or stop it") from None
+        return _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel, on_sample)
+
+
+def _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel, on_sample) -> Manifest:
 
     broken: dict[str, str] = {}
     cameras = parse_krt(read_bytes(layout.krt).decode(errors="replace"), str(layout.krt), broken)
@@ -327,9 +381,7 @@ def ingest(
         metadata=metadata,
     )
     published = _resume(out, manifest, plans)
-    for name in os.listdir(out / SHARD_DIR):
-        if is_temp_name(name):
-            (out / SHARD_DIR / name).unlink(missing_ok=True)
+    _remove_temp_files(out)
 
     progress.samples_total = len(samples)
     progress.shards_total = len(plans)
@@ -367,6 +419,14 @@ def ingest(
     manifest.state = "complete"
     save_manifest(out, manifest)
     return manifest
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Delete what a killed run was writing (shards, metadata, manifest under temp names)."""
+    for folder in (out, out / SHARD_DIR, out / META_DIR):
+        for name in os.listdir(folder):
+            if is_temp_name(name):
+                (folder / name).unlink(missing_ok=True)
 
 
 def _resume(out: Path, manifest: Manifest, plans: list[ShardPlan]) -> set[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.errors import FormatError
-from shards.ingest import DEFAULT_SHARD_SIZE, IngestProgress, ingest, parse_size
+from shards.ingest import DEFAULT_SHARD_SIZE, IngestBusy, IngestProgress, ingest, parse_size
 from shards.manifest import MANIFEST_NAME, load_manifest, verify_folder
 
 
@@ -65,7 +65,7 @@ def run_ingest(args: argparse.Namespace) -> int:
             progress=progress,
             on_sample=tick,
         )
-    except (FormatError, FileNotFoundError, ValueError) as error:
+    except (FormatError, FileNotFoundError, ValueError, IngestBusy, OSError) as error:
         bar.close()
         print(f"ingest failed: {error}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from shards.manifest import fsync_dir
 
 MEMBER_MTIME = 1_500_000_000  # a fixed date (2017) instead of the ingest time, for identical bytes
 MEMBER_MODE = 0o444
+COPY_BUFFER = 1 << 22  # tarfile copies members in 16 KiB pieces by default: a Python call per piece
 
 
 class _HashingFile(io.RawIOBase):
@@ -69,7 +70,7 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         self._handle = open(self.temp, "wb")
         self._hashing = _HashingFile(self._handle)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFFER)
         return self
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
