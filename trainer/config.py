@@ -47,6 +47,7 @@ class TrainConfig:
     shuffle_buffer: int = 256
     stall_timeout: float = 60.0
     device: str = "auto"
+    collective_timeout: float = 300.0
     antialias: bool = False
     image_every: int = 0
     extra: dict = field(default_factory=dict)
@@ -76,6 +77,11 @@ class TrainConfig:
         for name in ("lambda_verts", "lambda_tex", "lambda_screen", "lambda_kl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if self.collective_timeout <= self.stall_timeout:
+            raise ValueError(
+                f"--collective_timeout {self.collective_timeout} must exceed --stall_timeout {self.stall_timeout}: "
+                "a stalled download must be retried before the job is declared stuck"
+            )
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"--device {self.device!r}: expected auto, cuda or cpu")
         if self.loss_weight_mask is not None and self.lambda_screen == 0:
@@ -124,11 +130,14 @@ _HELP = {
     "(default EXP_ROM, EXP_free_face)",
     "camera_config": 'JSON {"full": {"train": [...], "test": [...], "visual": [...]}} camera split',
     "loss_weight_mask": "UV-space weight image for the screen loss (default: uniform)",
-    "resume": "continue from result_path/checkpoint.pt at its step, optimiser and data position",
+    "resume": "continue from result_path/checkpoint.pt at its step, optimiser and data position if it exists "
+    "(so torchrun --max-restarts can rerun the same command)",
     "seed": "seed of shuffles and initialisation",
     "shuffle_buffer": "samples held per data worker for shuffling",
     "stall_timeout": "seconds without data before a shard download is abandoned and retried",
     "device": "auto (CUDA if available), cuda or cpu",
+    "collective_timeout": "seconds a collective may wait for a stuck rank before the job fails and torchrun "
+    "restarts it (NCCL's default is 600)",
     "antialias": "antialias the screen-loss render for silhouette gradients",
     "image_every": "iterations between image grids in TensorBoard (default: log_every)",
 }

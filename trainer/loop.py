@@ -162,7 +162,13 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        state = checkpointing.load_checkpoint(self.result_path / checkpointing.CHECKPOINT, self.env.device)
+        path = self.result_path / checkpointing.CHECKPOINT
+        if not path.is_file():
+            # torchrun --max-restarts reruns the same command: the first run has nothing to resume.
+            if self.env.is_main:
+                print(f"--resume: no {path} yet; starting at step 0", flush=True)
+            return
+        state = checkpointing.load_checkpoint(path, self.env.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer_cc.load_state_dict(state["optimizer_cc"])

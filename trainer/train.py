@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import init_distributed, shutdown
     from trainer.loop import Trainer
 
-    env = init_distributed(config.device)
+    env = init_distributed(config.device, config.collective_timeout)
     try:
         Trainer(config, env).train()
     finally:
