@@ -1,0 +1,95 @@
+"""Settings of the data service, read from ``MULTIFACE_*`` environment variables and CLI flags.
+
+``get_settings`` is the FastAPI dependency every route uses; tests override it with
+``app.dependency_overrides[get_settings]`` or pass a ``Settings`` to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger("services.settings")
+
+RELEASE_INDEX_DIR = ".release"
+RELEASE_INDEX_NAME = "index.json"
+SERVICE_DIR = ".service"
+"""Folder under the shard root where the service keeps job records, locks and verify results."""
+
+
+class Settings(BaseSettings):
+    """Every knob of ``multiface serve``; each field is also ``MULTIFACE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MULTIFACE_", extra="ignore")
+
+    data_root: Path = Field(description="downloaded entities, one folder per entity (read only)")
+    shard_root: Path = Field(description="one folder per entity as written by shards.ingest")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    ingest_workers: int | None = Field(None, ge=1, le=256, description="shards an ingest job writes at once")
+    shard_size: int = Field(1_000_000_000, ge=1, description="default target shard size of ingest jobs")
+    read_token: SecretStr | None = Field(None, description="Bearer token for data and status reads")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for jobs (also allowed to read)")
+    public_status_page: bool = Field(False, description="serve the HTML status page at / without a token")
+    chunk_bytes: int = Field(1 << 20, ge=4096, le=64 << 20, description="bytes read from disk per send")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send complete headers")
+    send_timeout: float = Field(
+        60.0, gt=0, description="seconds a client may accept no bytes before its download is cut"
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    graceful_shutdown_timeout: float = Field(
+        10.0, gt=0, description="seconds in-flight downloads get to finish on SIGTERM before they are cut"
+    )
+    scan_cache_seconds: float = Field(
+        10.0, ge=0, description="how long a completeness scan of a raw entity is reused"
+    )
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        for name in ("read_token", "admin_token"):
+            token = getattr(self, name)
+            if token is not None and len(token.get_secret_value()) < 16:
+                raise ValueError(
+                    f"MULTIFACE_{name.upper()} is shorter than 16 characters; use a random token, "
+                    "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.read_token is not None or self.admin_token is not None
+
+    @property
+    def service_dir(self) -> Path:
+        return self.shard_root / SERVICE_DIR
+
+    def release_index(self, entity_id: str) -> Path:
+        """Where the downloader leaves an entity's release index (optional; see the README)."""
+        return self.data_root / RELEASE_INDEX_DIR / entity_id / RELEASE_INDEX_NAME
+
+    def warn_about_ineffective(self) -> None:
+        """Log settings that silently do less than a reader would expect."""
+        if self.read_token is not None and self.admin_token is None:
+            logger.warning(
+                "MULTIFACE_READ_TOKEN is set but MULTIFACE_ADMIN_TOKEN is not: job endpoints refuse every "
+                "request; set MULTIFACE_ADMIN_TOKEN to start ingest and verify jobs over HTTP"
+            )
+        if self.public_status_page and not self.auth_enabled:
+            logger.warning("MULTIFACE_PUBLIC_STATUS_PAGE has no effect: no token is set, everything is open")
+        if self.workers > 1:
+            logger.warning(
+                "--workers %d: /metrics reports the one worker process that answers the scrape", self.workers
+            )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings from the environment (a FastAPI dependency)."""
+    return Settings()  # type: ignore[call-arg]  # data_root and shard_root come from the environment
