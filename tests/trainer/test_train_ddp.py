@@ -4,13 +4,16 @@ after SIGKILL at the same step and state, and a tampered shard refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,12 +32,45 @@ def shard_root(tmp_path_factory) -> Path:
     from shards.synth import synthesize
 
     base = tmp_path_factory.mktemp("ddp")
-    entity = synthesize(base / "raw", expressions=4, frames=3, cameras=2, photo_size=(64, 48), tex_size=64, seed=3)
+    entity = synthesize(
+        base / "raw", expressions=4, frames=3, cameras=2, photo_size=(64, 48), tex_size=64, seed=3
+    )
     manifest = ingest(entity, base / "shards", shard_size=2_000_000)
     train = [shard for shard in manifest.shards if TEST_EXPRESSION not in shard.expressions]
     assert len(train) % 2 == 1, f"the test needs an odd number of training shards, got {len(train)}"
     (base / "segment.json").write_text(json.dumps({"segment": [TEST_EXPRESSION]}))
     return base
+
+
+@contextlib.contextmanager
+def data_service(data_root: Path, shard_root: Path):
+    """A real ``multiface serve`` on a free loopback port; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "shards.cli", "serve", "--data-root", str(data_root), "--shard-root", str(shard_root),
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/v1/health", timeout=2).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    "the data service did not start"
+                )
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def manifest_url(base: str, shard_folder: Path) -> str:
+    return f"{base}/api/v1/entities/{shard_folder.name}/manifest.json"
 
 
 def torchrun(shards: str, result: Path, segment: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
@@ -45,7 +81,15 @@ def torchrun(shards: str, result: Path, segment: Path, *extra: str, nproc: int =
         "--lr", "1e-3", "--log_every", "2", "--val_num", "2", "--n_worker", "1", "--device", "cpu", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -77,22 +121,32 @@ def kill_tree(pid: int) -> None:
 
 
 def losses(output: str, kind: str) -> list[float]:
-    return [float(value) for value in re.findall(rf"^{kind}\s+\d+: .*?tex_loss ([0-9.]+)", output, re.MULTILINE)]
+    return [
+        float(value) for value in re.findall(rf"^{kind}\s+\d+: .*?tex_loss ([0-9.]+)", output, re.MULTILINE)
+    ]
 
 
 def test_two_ranks_same_steps_loss_falls_and_resume(shard_root, tmp_path):
     """Pins DDP hygiene: both ranks run the same number of steps with an odd shard count (no
     end-of-epoch hang), the texture loss falls, and a run killed with SIGKILL resumes from its
     checkpoint at the same step with the same model state."""
-    folder = str(shard_root / "shards" / load_manifest(next((shard_root / "shards").iterdir())).entity)
+    with data_service(shard_root / "raw", shard_root / "shards") as base:
+        run_with_service(manifest_url(base, next((shard_root / "shards").iterdir())), shard_root, tmp_path)
+
+
+def run_with_service(folder: str, shard_root: Path, tmp_path: Path) -> None:
     result = tmp_path / "run"
-    output = finish(torchrun(folder, result, shard_root / "segment.json", "--max_iter", "24", "--val_every", "12"))
+    output = finish(
+        torchrun(folder, result, shard_root / "segment.json", "--max_iter", "24", "--val_every", "12")
+    )
     steps = re.findall(r"rank (\d): (\d+) steps", output)
     assert sorted(steps) == [("0", "24"), ("1", "24")], output[-3000:]
     validation = losses(output, "val")
     assert len(validation) == 2 and validation[-1] < validation[0], output[-3000:]
 
-    killed = torchrun(folder, tmp_path / "killed", shard_root / "segment.json", "--max_iter", "400", "--val_every", "4")
+    killed = torchrun(
+        folder, tmp_path / "killed", shard_root / "segment.json", "--max_iter", "400", "--val_every", "4"
+    )
     checkpoint = tmp_path / "killed" / CHECKPOINT
     deadline = time.monotonic() + 300
     while not checkpoint.is_file() and time.monotonic() < deadline:
@@ -102,16 +156,29 @@ def test_two_ranks_same_steps_loss_falls_and_resume(shard_root, tmp_path):
     killed.wait()
     saved = torch.load(checkpoint, weights_only=False)
     resumed = finish(
-        torchrun(folder, tmp_path / "killed", shard_root / "segment.json", "--resume", "--max_iter", str(saved["step"] + 2), "--val_every", "4")
+        torchrun(
+            folder,
+            tmp_path / "killed",
+            shard_root / "segment.json",
+            "--resume",
+            "--max_iter",
+            str(saved["step"] + 2),
+            "--val_every",
+            "4",
+        )
     )
-    assert f"resumed at step {saved['step']}, epoch {saved['epoch']} (model sha256 {state_digest(saved['model'])[:16]})" in resumed
+    assert (
+        f"resumed at step {saved['step']}, epoch {saved['epoch']} (model sha256 {state_digest(saved['model'])[:16]})"
+        in resumed
+    )
     assert re.findall(r"rank \d: (\d+) steps", resumed) == [str(saved["step"] + 2)] * 2
 
 
 def test_tampered_shard_is_refused(shard_root, tmp_path):
     """Pins that a shard whose sha256 differs from the manifest is refused and reported, never trained on."""
     source = next((shard_root / "shards").iterdir())
-    copy = tmp_path / source.name
+    copy = tmp_path / "shards" / source.name
+    copy.parent.mkdir()
     subprocess.run(["cp", "-r", str(source), str(copy)], check=True)
     manifest = load_manifest(copy)
     victim = next(shard for shard in manifest.shards if TEST_EXPRESSION not in shard.expressions)
@@ -119,5 +186,17 @@ def test_tampered_shard_is_refused(shard_root, tmp_path):
     data[1000] ^= 0x01
     (copy / victim.name).write_bytes(bytes(data))
     # One rank: with two, the rank whose only shard is the tampered one would (rightly) stop the job.
-    output = finish(torchrun(str(copy), tmp_path / "run", shard_root / "segment.json", "--max_iter", "4", "--val_every", "4", nproc=1))
+    with data_service(shard_root / "raw", copy.parent) as base:
+        output = finish(
+            torchrun(
+                manifest_url(base, copy),
+                tmp_path / "run",
+                shard_root / "segment.json",
+                "--max_iter",
+                "4",
+                "--val_every",
+                "4",
+                nproc=1,
+            )
+        )
     assert f"refused shard {victim.name}" in output and "rank 0: 4 steps" in output
