@@ -150,10 +150,11 @@ class Trainer:
             "epoch": self.epoch,
             "best": self.best,
             "skipped": self.skipped,
+            # Tensors, not numpy arrays, so that torch.load(weights_only=True) reads the file.
             "statistics": {
-                "texmean": self.meta.texmean,
+                "texmean": torch.from_numpy(self.meta.texmean),
                 "texstd": self.meta.texstd,
-                "vertmean": self.meta.vertmean,
+                "vertmean": torch.from_numpy(self.meta.vertmean),
                 "vertstd": self.meta.vertstd,
             },
             "cameras": {name: camera.index for name, camera in self.meta.cameras.items()},

@@ -60,7 +60,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"--nproc {args.nproc}: use 1 or more", file=sys.stderr)
         return 2
     forwarded = [arg for arg in sys.argv[sys.argv.index("train") + 1 :]]
-    forwarded = _drop_flag(forwarded, "--nproc")
+    forwarded = drop_flag(forwarded, "--nproc")
     if args.nproc == 1 and "RANK" not in os.environ:
         return main(forwarded)
     command = [
@@ -73,7 +73,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     return subprocess.call([*command, "-m", "trainer.train", *forwarded])
 
 
-def _drop_flag(arguments: list[str], flag: str) -> list[str]:
+def drop_flag(arguments: list[str], flag: str) -> list[str]:
     out, skip = [], False
     for argument in arguments:
         if skip:
