@@ -8,7 +8,6 @@ section 3), so code written against the reference Dataset can use it unchanged, 
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from shards.codecs import EXTENSIONS, decode_image
 from shards.errors import FormatError
 from shards.formats import (
     Camera,
@@ -53,11 +52,12 @@ ALL_FIELDS = (
 )
 """Every field the reference Dataset returns."""
 
+# Images are read in either stored form (shards/codecs.py): a shard holds one of the two.
 _MEMBERS_OF = {
-    "photo": ("photo.png",),
-    "tex": ("tex.png",),
-    "mask": ("tex.png",),
-    "avg_tex": ("avg_tex.png",),
+    "photo": ("photo.png", "photo.dzst"),
+    "tex": ("tex.png", "tex.dzst"),
+    "mask": ("tex.png", "tex.dzst"),
+    "avg_tex": ("avg_tex.png", "avg_tex.dzst"),
     "aligned_verts": ("verts.bin",),
     "M": ("transform.txt",),
     "view": ("transform.txt",),
@@ -126,8 +126,23 @@ class EntityMetadata:
         return cls.from_files({path.name: path.read_bytes() for path in meta.iterdir() if path.is_file()})
 
 
-def _image(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)
+def stored_image(sample: Mapping[str, object], name: str) -> np.ndarray:
+    """The stored pixels of image ``name`` (``photo``, ``tex``, ``avg_tex``) in either form.
+
+    Returns:
+        (H, W, 3) uint8, as stored (textures not flipped).
+    """
+    key = str(sample.get("__key__", "sample"))
+    for extension in EXTENSIONS.values():
+        member = f"{name}.{extension}"
+        if member in sample:
+            return decode_image(_member(sample, member, key), extension, f"{key}.{member}")
+    forms = " or ".join(f"{name}.{extension}" for extension in EXTENSIONS.values())
+    raise FormatError(f"{key}.{name}", f"a member {forms} of the sample")
+
+
+def _image(sample: Mapping[str, object], name: str) -> np.ndarray:
+    return stored_image(sample, name).astype(np.float32)
 
 
 def normalise_texture(texture: np.ndarray, meta: EntityMetadata, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +176,8 @@ def decode_sample(
 
     Args:
         sample: a dict as ``webdataset.WebDataset`` yields it: ``"photo.png"``, ``"tex.png"``,
-            ``"avg_tex.png"``, ``"verts.bin"``, ``"transform.txt"``, ``"sample.json"`` bytes.
+            ``"avg_tex.png"`` (or the ``.dzst`` forms, shards/codecs.py), ``"verts.bin"``,
+            ``"transform.txt"``, ``"sample.json"`` bytes.
         meta: the entity's metadata.
         tex_size: side of the returned textures (bilinear resize of the normalised texture).
         fields: the fields to compute (default all); members the others need are not decoded.
@@ -173,6 +189,37 @@ def decode_sample(
         ``exp``, ``frame`` str; ``uvs`` (Nuv, 2) float32; ``vert_ids``, ``uv_ids`` (F, 3) int32.
     """
     fields = set(fields)
+    out = _small_fields(sample, meta, fields)
+    if "avg_tex" in fields:
+        out["avg_tex"], _ = normalise_texture(_image(sample, "avg_tex"), meta, tex_size)
+    if "tex" in fields or "mask" in fields:
+        out["tex"], unseen = normalise_texture(_image(sample, "tex"), meta, tex_size)
+        out["mask"] = 1.0 - unseen.transpose((2, 0, 1))
+    if "photo" in fields:
+        out["photo"] = _image(sample, "photo") / 255.0
+    return {name: value for name, value in out.items() if name in fields}
+
+
+def decode_stored(
+    sample: Mapping[str, object], meta: EntityMetadata, fields: Iterable[str] = ALL_FIELDS
+) -> dict[str, object]:
+    """Like :func:`decode_sample`, but images stay as stored, for normalising on the GPU.
+
+    ``photo``, ``tex`` and ``avg_tex`` are (H, W, 3) uint8 as stored (textures not flipped, not
+    normalised, not resized) and ``mask`` is not computed (it derives from ``tex``):
+    ``trainer.gpu_decode.finish_on_device`` turns a batch of these into :func:`decode_sample`'s
+    fields. A uint8 sample is a quarter of the float32 one to collate, pin and copy.
+    """
+    fields = set(fields)
+    images = fields & {"photo", "avg_tex"} | ({"tex"} if fields & {"tex", "mask"} else set())
+    out = _small_fields(sample, meta, fields)
+    for name in sorted(images):
+        out[name] = stored_image(sample, name)
+    return {name: value for name, value in out.items() if name in fields | images}
+
+
+def _small_fields(sample: Mapping[str, object], meta: EntityMetadata, fields: set[str]) -> dict[str, object]:
+    """Every field but the images: camera, pose, projection, vertices, topology."""
     key = str(sample.get("__key__", "sample"))
     info = json.loads(_member(sample, "sample.json", key))
     camera = meta.cameras.get(info["camera"])
@@ -198,19 +245,12 @@ def decode_sample(
         out["uvs"] = meta.topology.uvs
         out["vert_ids"] = meta.topology.vert_ids
         out["uv_ids"] = meta.topology.uv_ids
-    if "avg_tex" in fields:
-        out["avg_tex"], _ = normalise_texture(_image(_member(sample, "avg_tex.png", key)), meta, tex_size)
-    if "tex" in fields or "mask" in fields:
-        out["tex"], unseen = normalise_texture(_image(_member(sample, "tex.png", key)), meta, tex_size)
-        out["mask"] = 1.0 - unseen.transpose((2, 0, 1))
-    if "photo" in fields:
-        out["photo"] = _image(_member(sample, "photo.png", key)) / 255.0
     if "aligned_verts" in fields:
         verts = parse_vertices(_member(sample, "verts.bin", key), f"{key}.verts.bin").reshape(-1)
         verts -= meta.vertmean
         verts /= meta.vertstd
         out["aligned_verts"] = verts.reshape((-1, 3)).astype(np.float32)
-    return {name: value for name, value in out.items() if name in fields}
+    return out
 
 
 def _member(sample: Mapping[str, object], extension: str, key: str) -> bytes:

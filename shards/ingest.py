@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.codecs import check_codec, encode_dzst, image_member
 from shards.errors import FormatError
 from shards.formats import (
     Camera,
@@ -45,6 +46,7 @@ from shards.manifest import (
     ShardEntry,
     load_manifest,
     save_manifest,
+    sha256_file,
     write_atomic,
 )
 from shards.samples import SampleKey, enumerate_samples, index_entity
@@ -172,10 +174,12 @@ FRAME_MEMBERS = ("avg_tex.png", "verts.bin", "transform.txt")
 FRAME_CACHE_ENTRIES = 48
 
 
-def _read_checked(extension: str, path: Path) -> bytes:
+def _read_checked(extension: str, path: Path, image_codec: str = "png") -> bytes:
     data = read_bytes(path)
     if extension.endswith(".png"):
         check_png(data, str(path))
+        if image_codec == "delta-zstd":
+            return encode_dzst(parse_png(data, str(path)))
     elif extension == "verts.bin":
         parse_vertices(data, str(path))
     else:
@@ -195,10 +199,13 @@ def _remember(cache: OrderedDict, path: Path, value: bytes | FormatError) -> Non
 class _EntityReader:
     """Reads and validates one sample's files; the metadata it needs is parsed once."""
 
-    def __init__(self, layout: EntityLayout, cameras: dict[str, Camera], broken: dict[str, str]):
+    def __init__(
+        self, layout: EntityLayout, cameras: dict[str, Camera], broken: dict[str, str], image_codec: str = "png"
+    ):
         self.layout = layout
         self.cameras = cameras
         self.broken = broken
+        self.image_codec = image_codec
 
     def read(self, sample: SampleKey, frame_cache: OrderedDict | None = None) -> dict[str, bytes]:
         """Return the sample's members in their fixed order; raise ``FormatError`` if unusable.
@@ -220,13 +227,15 @@ class _EntityReader:
                     raise data
             else:
                 try:
-                    data = _read_checked(extension, path)
+                    data = _read_checked(extension, path, self.image_codec)
                 except FormatError as error:
                     if cached:
                         _remember(frame_cache, path, error)
                     raise
                 if cached:
                     _remember(frame_cache, path, data)
+            if self.image_codec != "png" and extension.endswith(".png"):
+                extension = image_member(extension[: -len(".png")], self.image_codec)
             members[extension] = data
         camera = self.cameras[sample.camera]
         members["camera.txt"] = camera.text.encode()
@@ -326,6 +335,7 @@ def ingest(
     progress: IngestProgress | None = None,
     cancel: threading.Event | None = None,
     on_sample: Callable[[], None] | None = None,
+    image_codec: str = "png",
 ) -> Manifest:
     """Ingest one entity into ``out_root/<entity folder name>/``; resumes a previous run.
 
@@ -337,10 +347,13 @@ def ingest(
         progress: counters to update (a caller may poll them from another thread).
         cancel: set it to stop at the next sample; published shards stay.
         on_sample: called after each sample (for progress bars).
+        image_codec: how images are stored: ``"png"`` (the release's bytes, default) or
+            ``"delta-zstd"`` (lossless, faster to decode; shards/codecs.py).
 
     Returns:
         The complete manifest, also saved as ``manifest.json``.
     """
+    check_codec(image_codec)
     layout = EntityLayout(Path(entity_dir))
     if not layout.root.is_dir():
         raise FileNotFoundError(f"{layout.root}: no such entity folder")
@@ -353,10 +366,14 @@ def ingest(
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise IngestBusy(f"{out}: another ingest of this entity is running; wait for it or stop it") from None
-        return _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel, on_sample)
+        return _ingest_locked(
+            layout, out, entity_id, workers, shard_size, progress, cancel, on_sample, image_codec
+        )
 
 
-def _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel, on_sample) -> Manifest:
+def _ingest_locked(
+    layout, out, entity_id, workers, shard_size, progress, cancel, on_sample, image_codec
+) -> Manifest:
 
     broken: dict[str, str] = {}
     cameras = parse_krt(read_bytes(layout.krt).decode(errors="replace"), str(layout.krt), broken)
@@ -379,6 +396,7 @@ def _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel
         cameras=[camera for camera in all_cameras if camera in cameras],
         expressions=list(dict.fromkeys(plan.expression for plan in plans)),
         metadata=metadata,
+        image_codec=image_codec,
     )
     published = _resume(out, manifest, plans)
     _remove_temp_files(out)
@@ -391,7 +409,7 @@ def _ingest_locked(layout, out, entity_id, workers, shard_size, progress, cancel
     todo = [plan for plan in plans if plan.name not in published]
     save_manifest(out, manifest)
 
-    reader = _EntityReader(layout, cameras, broken)
+    reader = _EntityReader(layout, cameras, broken, image_codec)
     lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         running: set[Future] = set()
@@ -437,6 +455,7 @@ def _resume(out: Path, manifest: Manifest, plans: list[ShardPlan]) -> set[str]:
         return set()
     if (
         previous.shard_size != manifest.shard_size
+        or previous.image_codec != manifest.image_codec
         or previous.num_planned_shards != manifest.num_planned_shards
     ):
         return set()
@@ -444,7 +463,9 @@ def _resume(out: Path, manifest: Manifest, plans: list[ShardPlan]) -> set[str]:
     kept = set()
     for entry in previous.shards:
         path = out / entry.name
-        if entry.name in planned and path.is_file() and path.stat().st_size == entry.bytes:
+        # Re-hashed, not only sized: a shard damaged in place (a flipped bit keeps its size) is
+        # what 'multiface verify' tells users to fix by re-ingesting, so it must be rewritten.
+        if entry.name in planned and path.is_file() and sha256_file(path) == (entry.bytes, entry.sha256):
             manifest.shards.append(entry)
             keys = {sample.key for sample in planned[entry.name].samples}
             manifest.excluded.extend(item for item in previous.excluded if item.key in keys)

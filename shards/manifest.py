@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shards.codecs import IMAGE_CODECS
 from shards.errors import FormatError
 
 FORMAT_NAME = "multiface-shards"
@@ -61,6 +62,7 @@ class Manifest:
     metadata: list[FileEntry] = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
     excluded: list[ExcludedSample] = field(default_factory=list)
+    image_codec: str = "png"
 
     @property
     def num_samples(self) -> int:
@@ -68,6 +70,9 @@ class Manifest:
 
     def to_dict(self) -> dict:
         body = asdict(self)
+        if body["image_codec"] == "png":
+            # Optional field: PNG manifests stay byte-identical to those of earlier versions.
+            del body["image_codec"]
         body["shards"] = sorted(body["shards"], key=lambda shard: shard["name"])
         body["excluded"] = sorted(body["excluded"], key=lambda item: (item["key"], item["path"]))
         return {
@@ -99,6 +104,7 @@ class Manifest:
                 metadata=[FileEntry(**entry) for entry in body["metadata"]],
                 shards=[ShardEntry(**entry) for entry in body["shards"]],
                 excluded=[ExcludedSample(**entry) for entry in body["excluded"]],
+                image_codec=_image_codec(body, source),
             )
         except (KeyError, TypeError) as error:
             raise FormatError(source, f"a complete manifest ({error})") from None
@@ -106,6 +112,17 @@ class Manifest:
     def files(self) -> dict[str, FileEntry]:
         """Every published file (metadata and shards) by name: the only names ever served."""
         return {entry.name: entry for entry in [*self.metadata, *self.shards]}
+
+
+def _image_codec(body: dict, source: str) -> str:
+    codec = body.get("image_codec", "png")
+    if codec not in IMAGE_CODECS:
+        raise FormatError(
+            source,
+            f'"image_codec" one of {", ".join(IMAGE_CODECS)} (upgrade multiface to read this manifest)',
+            found=repr(codec),
+        )
+    return codec
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
@@ -136,11 +153,15 @@ def load_manifest(folder: Path) -> Manifest:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a part: temp, fsync, rename."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a full disk must not keep a half-written temp file
+        raise
     fsync_dir(path.parent)
 
 

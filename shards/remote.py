@@ -159,9 +159,10 @@ def fetch_file(
         on_retry: called with (url, error) before each retry (logging, counters).
 
     Raises:
-        IntegrityError: the bytes do not match ``expected``, or the server's copy changed
-            (ETag differs from the manifest's sha256): reload the manifest.
-        FetchError: the server refused the file (401, 404, 409, ...) or all retries failed.
+        IntegrityError: the bytes do not match ``expected``, the server's copy changed (ETag
+            differs from the manifest's sha256: reload the manifest), or the server refused its
+            own copy as not matching its manifest (409).
+        FetchError: the server refused the file (401, 404, ...) or all retries failed.
     """
     if isinstance(dest_or_stream, str | Path):
         dest = Path(dest_or_stream)
@@ -223,6 +224,11 @@ def _attempt(
             error = _refuse(url, status, response)
             error.retryable = True  # type: ignore[attr-defined]
             raise error
+        if status == 409:
+            # The service refuses a file whose size on disk differs from its manifest: the copy
+            # is corrupt, as a sha256 mismatch would show, so it is refused like one (callers
+            # skip and report IntegrityError; any other refusal stops them).
+            raise IntegrityError(f"{name}: {_refuse(url, status, response)}")
         if status not in (200, 206):
             raise _refuse(url, status, response)
         if response.getheader("ETag") != etag:

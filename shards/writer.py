@@ -87,12 +87,20 @@ class ShardWriter:
 
     def __exit__(self, kind, value, traceback) -> None:
         try:
-            self._tar.close()
-            self._handle.flush()
+            try:
+                self._tar.close()
+                self._handle.flush()
+                if kind is None:
+                    os.fsync(self._handle.fileno())
+            finally:
+                self._handle.close()
+        except BaseException:
+            # Closing writes the end blocks and flushes: on a full disk it fails as well. The
+            # temp file must go either way, or a failed ingest keeps the space it could not use.
+            self.temp.unlink(missing_ok=True)
             if kind is None:
-                os.fsync(self._handle.fileno())
-        finally:
-            self._handle.close()
+                raise
+            return  # the body's own error propagates
         if kind is not None:
             self.temp.unlink(missing_ok=True)
             return

@@ -49,6 +49,10 @@ class TrainConfig:
     device: str = "auto"
     collective_timeout: float = 300.0
     antialias: bool = False
+    no_tf32: bool = False
+    compile: str = ""
+    bf16: bool = False
+    gpu_normalise: bool = False
     image_every: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -86,6 +90,16 @@ class TrainConfig:
             raise ValueError(f"--device {self.device!r}: expected auto, cuda or cpu")
         if self.loss_weight_mask is not None and self.lambda_screen == 0:
             warnings.warn("--loss_weight_mask has no effect with --lambda_screen 0", stacklevel=2)
+        if self.compile not in (
+            "",
+            "default",
+            "max-autotune-no-cudagraphs",
+            "max-autotune",
+            "reduce-overhead",
+        ):
+            raise ValueError(
+                f"--compile {self.compile!r}: expected '' or a torch.compile mode (default, reduce-overhead, ...)"
+            )
         if self.antialias and self.lambda_screen == 0:
             warnings.warn("--antialias has no effect with --lambda_screen 0", stacklevel=2)
 
@@ -140,6 +154,12 @@ _HELP = {
     "restarts it (NCCL's default is 600)",
     "antialias": "antialias the screen-loss render for silhouette gradients",
     "image_every": "iterations between image grids in TensorBoard (default: log_every)",
+    "no_tf32": "train in strict fp32 (the reference configuration); TF32 is on by default on CUDA and "
+    "keeps the losses within noise (BENCHMARKS.md)",
+    "compile": "torch.compile the training forward: '' (eager, default) or a mode such as 'default'",
+    "gpu_normalise": "data workers return the stored uint8 images; flip, mask, normalise and resize run on the "
+    "training device (trainer.gpu_decode), giving the same fields with less CPU per sample",
+    "bf16": "bfloat16 autocast of the training forward (CUDA only; evaluation stays fp32)",
 }
 
 

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, members_needed
+from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, decode_stored, members_needed
 from shards.errors import IntegrityError
 from shards.manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, parse_manifest
 from shards.samples import DEFAULT_TEST_PREFIXES, SampleKey, select_expressions
@@ -168,6 +168,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: shuffle seed; the shard order of epoch e is the same on every rank.
         shuffle_buffer: samples held for shuffling, per worker.
         start_epoch: first epoch (a resumed run continues the shuffle sequence).
+        device_finish: yield images as stored uint8 (``shards.decode.decode_stored``) for
+            ``trainer.gpu_decode.finish_on_device`` to normalise on the GPU; default False
+            yields ``decode_sample``'s fields.
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 256,
         start_epoch: int = 0,
+        device_finish: bool = False,
     ):
         super().__init__()
         if not shards:
@@ -202,6 +206,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.start_epoch = start_epoch
+        self.device_finish = device_finish
         self._needed = members_needed(self.fields)
         self._meta: EntityMetadata | None = None
         self.refused: list[str] = []
@@ -260,4 +265,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, sample: dict) -> dict:
         assert self._meta is not None
+        if self.device_finish:
+            return decode_stored(sample, self._meta, self.fields)
         return decode_sample(sample, self._meta, self.tex_size, self.fields)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from trainer import checkpointing
 from trainer.config import TrainConfig
 from trainer.data import ShardSource, ShardStream, Split, select_shards
 from trainer.distributed import DistEnv, agree_any, all_reduce_mean, barrier
+from trainer.gpu_decode import TextureStatistics, finish_on_device
 from trainer.images import grid
 from trainer.models import build_model, load_weights
+from trainer.speed import SpeedOptions, apply_speedups
 from trainer.step import Statistics, run_net, to_device
 
 LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
@@ -72,6 +75,7 @@ class Trainer:
             "lambda_kl": config.lambda_kl,
         }
         self.stats = Statistics.build(self.meta, config.tex_size, env.device, config.loss_weight_mask)
+        self.texture_stats = TextureStatistics.build(self.meta, env.device) if config.gpu_normalise else None
         self.renderer = None
         if config.screen_loss:
             from trainer.render import Renderer
@@ -83,12 +87,26 @@ class Trainer:
         self.model.to(env.device)
         if config.model_ckpt:
             load_weights(self.model, config.model_ckpt)
+        if env.device.type != "cuda" and (config.bf16 or config.compile):
+            warnings.warn("--bf16 and --compile only apply on CUDA; ignored on the CPU", stacklevel=2)
+        cuda = env.device.type == "cuda"
+        self.speed = apply_speedups(
+            self.model,
+            SpeedOptions(
+                tf32=not config.no_tf32,
+                compile_mode=(config.compile or None) if cuda else None,
+                bf16=config.bf16 and cuda,
+            ),
+            env.device,
+        )
         self.ddp: nn.Module = self.model
         if env.world_size > 1:
-            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            device_ids = [env.device.index] if cuda else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.optimizer = torch.optim.Adam(self.model.get_model_params(), config.lr, (0.9, 0.999))
-        self.optimizer_cc = torch.optim.Adam(self.model.get_cc_params(), config.lr, (0.9, 0.999))
+        self.train_module = self.speed.training_module(self.ddp)
+        adam = {"lr": config.lr, "betas": (0.9, 0.999), **self.speed.adam_kwargs}
+        self.optimizer = torch.optim.Adam(self.model.get_model_params(), **adam)
+        self.optimizer_cc = torch.optim.Adam(self.model.get_cc_params(), **adam)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.95)
         self.step = 0
         self.epoch = 0
@@ -129,6 +147,7 @@ class Trainer:
             seed=self.config.seed,
             shuffle_buffer=self.config.shuffle_buffer,
             start_epoch=start_epoch,
+            device_finish=self.config.gpu_normalise,
         )
         workers = self.config.n_worker
         return torch.utils.data.DataLoader(
@@ -137,8 +156,15 @@ class Trainer:
             num_workers=workers,
             pin_memory=self.env.device.type == "cuda",
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None,
         )
+
+    def _batch(self, batch: dict) -> dict:
+        """Move a batch to the device, finishing the texture treatment there with --gpu_normalise."""
+        batch = to_device(batch, self.env.device)
+        if self.texture_stats is not None:
+            batch = finish_on_device(batch, self.texture_stats, self.config.tex_size)
+        return batch
 
     def _state(self) -> dict:
         return {
@@ -200,9 +226,9 @@ class Trainer:
         self.model.eval()
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
         batches = iter(self._loader("test", self.config.val_batch_size, self.epoch))
-        with torch.no_grad():
+        with torch.no_grad(), self.speed.eval_precision():
             for _ in range(self.config.val_num):
-                batch = to_device(next(batches), self.env.device)
+                batch = self._batch(next(batches))
                 losses, _ = run_net(
                     self.model,
                     batch,
@@ -238,9 +264,9 @@ class Trainer:
         )
         started = time.monotonic()
         while self.step < last_steps:
-            batch = to_device(next(batches), env.device)
+            batch = self._batch(next(batches))
             losses, outputs = run_net(
-                self.ddp,
+                self.train_module,
                 batch,
                 self.stats,
                 arch=config.arch,

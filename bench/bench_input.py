@@ -1,0 +1,558 @@
+"""Input pipeline: can the shard stream keep the trainer's GPU fed? One command, three parts.
+
+    python bench/bench_input.py                                   # CPU: codecs + loader, 1 and 2 workers
+    python bench/bench_input.py --device cuda --workers 1,4,8,16  # adds the trainer: ceiling vs streaming
+    python bench/bench_input.py --smoke                           # small images, seconds (CI check)
+
+Data: a synthetic entity at the real size (2048 x 1334 photos, 1024 textures), one expression,
+2 frames x ``--cameras`` synthesised and copied to ``--frames`` frames, with Gaussian noise of
+``--noise`` grey levels added to every image (synthetic renders are far smoother than real
+photos: a noisy photo's PNG is about 4.4 MB, near a real one's, against 0.7 MB without), then
+ingested twice: ``--image-codec png`` (the release's bytes) and ``delta-zstd``.
+
+Parts (``--parts``):
+- codec: decode ms and bytes of one photo and one texture per stored form, one core.
+- loader: decoded samples/s of ``trainer.data.ShardStream`` in a DataLoader (batch 16, the screen-
+  loss fields) for every form x path (cpu: ``decode_sample`` in the workers; device: uint8
+  ``decode_stored`` in the workers + ``finish_on_device``) x source (local folder; the data
+  service ``multiface serve`` on a loopback port) x worker count, with CPU ms per sample of the
+  loader's processes and of the server, bytes on the wire per sample and the workers' peak RSS.
+- train (``--device cuda``): the real step (``run_net`` + backward + clip + both Adam steps, as
+  ``trainer.loop``) on the base model, tex 1024, batch 16, with and without the screen loss:
+  the ceiling (one batch kept on the GPU) against streaming from the data service, in the same
+  run, with the GPU busy fraction (CUDA events around each step / wall time).
+
+Results go to ``--output`` (default bench/results_input.md) with machine, card and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from shards.codecs import decode_dzst, decode_png, encode_dzst
+from shards.ingest import ingest, parse_size
+from shards.synth import synthesize
+
+FORMS = ("png", "delta-zstd")
+PATHS = ("cpu", "device")
+SCREEN_FIELDS = ("tex", "avg_tex", "mask", "aligned_verts", "M", "view", "cam", "exp", "frame", "cam_idx",
+                 "photo", "uvs", "vert_ids", "uv_ids")  # fmt: skip
+NO_SCREEN_FIELDS = SCREEN_FIELDS[:10]
+
+
+# ----------------------------------------------------------------------------------------- data
+def _add_noise(path: Path, sigma: float, seed: int) -> None:
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    rng = np.random.default_rng(seed)
+    noisy = pixels.astype(np.int16) + np.rint(rng.normal(0.0, sigma, pixels.shape)).astype(np.int16)
+    noisy = np.clip(noisy, 0, 255).astype(np.uint8)
+    noisy[pixels == 0] = 0  # unseen texels stay unseen
+    ok, data = cv2.imencode(".png", noisy, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    assert ok
+    path.write_bytes(data.tobytes())
+
+
+def build_entity(
+    base: Path, frames: int, cameras: int, photo: str, tex: int, noise: float, workers: int
+) -> Path:
+    entity = synthesize(base, expressions=1, frames=2, cameras=cameras, photo_size=photo, tex_size=tex,
+                        seed=11, workers=workers)  # fmt: skip
+    lines = [line.split() for line in (entity / "frame_list.txt").read_text().splitlines() if line.strip()]
+    expression, first = lines[0]
+    sources = [frame for _, frame in lines]
+    images = sorted((entity / "images" / expression).rglob("*.png"))
+    images += sorted((entity / "unwrapped_uv_1024" / expression).rglob("*.png"))
+    if noise > 0:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda item: _add_noise(item[1], noise, item[0]), enumerate(images)))
+    targets = [f"{int(first) + 3 * index:06d}" for index in range(frames)]
+    for index, frame in enumerate(targets):
+        source = sources[index % len(sources)]
+        if frame == source:
+            continue
+        for folder in sorted((entity / "images" / expression).iterdir()) + sorted(
+            (entity / "unwrapped_uv_1024" / expression).iterdir()
+        ):
+            shutil.copyfile(folder / f"{source}.png", folder / f"{frame}.png")
+        mesh = entity / "tracked_mesh" / expression
+        for suffix in (".bin", ".obj", "_transform.txt"):
+            shutil.copyfile(mesh / f"{source}{suffix}", mesh / f"{frame}{suffix}")
+    (entity / "frame_list.txt").write_text("".join(f"{expression} {frame}\n" for frame in targets))
+    return entity
+
+
+# ---------------------------------------------------------------------------------------- codec
+def _median_ms(function, repeats: int = 7) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - began)
+    return 1000.0 * float(np.median(times))
+
+
+def codec_rows(entity: Path, noise: float) -> list[str]:
+    from PIL import Image
+
+    cv2.setNumThreads(1)
+    expression = next((entity / "images").iterdir()).name
+    photo = sorted((entity / "images" / expression).rglob("*.png"))[0]
+    texture = sorted(
+        p for p in (entity / "unwrapped_uv_1024" / expression).rglob("*.png") if "average" not in str(p)
+    )[0]
+    rows = []
+    for kind, path in (("photo", photo), ("texture", texture)):
+        data = path.read_bytes()
+        pixels = decode_png(data, str(path))
+        encoded = encode_dzst(pixels)
+        pil = _median_ms(lambda data=data: np.asarray(Image.open(io.BytesIO(data))))
+        ocv = _median_ms(lambda data=data: decode_png(data, "png"))
+        fast = _median_ms(lambda encoded=encoded: decode_dzst(encoded, "dzst"))
+        encode = _median_ms(lambda pixels=pixels: encode_dzst(pixels), 3)
+        shape = "x".join(str(side) for side in pixels.shape[:2])
+        rows.append(
+            f"| {kind} {shape}, noise {noise:g} | {len(data) / 1e6:.2f} | {pil:.1f} | {ocv:.1f} | "
+            f"{len(encoded) / 1e6:.2f} | {fast:.1f} | {encode:.0f} | {min(pil, ocv) / fast:.1f}x |"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------- the service
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def data_service(shard_root: Path, data_root: Path, log: Path):
+    """Yield (base URL, server pid) of ``multiface serve`` on a free loopback port, no auth."""
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MULTIFACE_")}
+    command = [sys.executable, "-m", "shards.cli", "serve", "--data-root", str(data_root), "--shard-root",
+               str(shard_root), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(log, "w") as handle:
+        server = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/v1/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the data service did not start; see {log}") from None
+                time.sleep(0.2)
+        yield base, server.pid
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def service_available() -> str | None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        return f"the data service cannot start here ({error}); install the 'data' extra"
+    return None
+
+
+# --------------------------------------------------------------------------------------- loader
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+def _peak_rss_mb(pids) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+class Loader:
+    """A DataLoader over a ShardStream, as trainer.loop builds it, plus the per-batch finish."""
+
+    def __init__(self, location, form, path, workers, args, device, fields, tex_size=1024):
+        import torch
+
+        from trainer.data import ShardSource, ShardStream, Split, select_shards
+        from trainer.gpu_decode import TextureStatistics
+
+        self.torch, self.device, self.path, self.tex_size = torch, device, path, tex_size
+        source = ShardSource(location)
+        assert source.manifest.image_codec == form, (source.manifest.image_codec, form)
+        self.manifest = source.manifest
+        split = Split()
+        shards, count = select_shards(source.manifest, split, "train")
+        stream = ShardStream(source, shards, count, split, "train", 0, 1, tex_size, fields, seed=0,
+                             shuffle_buffer=args.shuffle_buffer, device_finish=path == "device")  # fmt: skip
+        self.stats = TextureStatistics.build(source.metadata(), device) if path == "device" else None
+        self.loader = torch.utils.data.DataLoader(
+            stream, batch_size=args.batch, num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=args.prefetch if workers > 0 else None,
+        )  # fmt: skip
+        self.iterator = iter(self.loader)
+
+    def next(self) -> dict:
+        from trainer.gpu_decode import finish_on_device
+        from trainer.step import to_device
+
+        batch = next(self.iterator)
+        if self.device.type == "cuda":
+            batch = to_device(batch, self.device)
+        if self.stats is not None and self.device.type == "cuda":
+            batch = finish_on_device(batch, self.stats, self.tex_size)
+        return batch
+
+    def pids(self) -> list[int]:
+        return [os.getpid()] + [worker.pid for worker in getattr(self.iterator, "_workers", [])]
+
+    def close(self) -> None:
+        del self.iterator
+
+
+def measure_loader(location, form, path, workers, args, device, server_pid=None) -> dict:
+    loader = Loader(location, form, path, workers, args, device, SCREEN_FIELDS)
+    for _ in range(max(1, workers)):  # the first round: start-up, first shard, shuffle buffer
+        loader.next()
+    if device.type == "cuda":
+        loader.torch.cuda.synchronize()
+    pids = loader.pids()
+    server = [server_pid] if server_pid else []
+    cpu0, server0, began = cpu_seconds(pids), cpu_seconds(server), time.perf_counter()
+    batches = 0
+    while batches < max(3, 2 * workers) or time.perf_counter() - began < args.seconds:
+        loader.next()
+        batches += 1
+    if device.type == "cuda":
+        loader.torch.cuda.synchronize()
+    elapsed = time.perf_counter() - began
+    samples = batches * args.batch
+    result = {
+        "samples_per_s": samples / elapsed,
+        "cpu_ms": 1000 * (cpu_seconds(pids) - cpu0) / samples,
+        "server_cpu_ms": 1000 * (cpu_seconds(server) - server0) / samples if server else None,
+        "wire_mb": sum(s.bytes for s in loader.manifest.shards) / max(1, loader.manifest.num_samples) / 1e6,
+        "rss_mb": _peak_rss_mb(pids[1:]),
+        "samples": samples,
+    }
+    loader.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------- train
+LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
+
+
+class Step:
+    """trainer.loop's training step on one GPU: forward + losses, backward, clip, both Adams."""
+
+    def __init__(self, meta, device, screen: bool, tex_size: int = 1024):
+        import torch
+
+        from trainer.models import build_model
+        from trainer.step import Statistics
+
+        self.torch = torch
+        torch.manual_seed(0)
+        self.model = build_model("base", tex_size, 21918, 256, len(meta.cameras)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.get_model_params(), 3e-4, (0.9, 0.999))
+        self.optimizer_cc = torch.optim.Adam(self.model.get_cc_params(), 3e-4, (0.9, 0.999))
+        self.stats = Statistics.build(meta, tex_size, device)
+        self.renderer = None
+        if screen:
+            from trainer.render import Renderer
+
+            self.renderer = Renderer(device)
+        self.weights = {"lambda_verts": 1.0, "lambda_tex": 1.0, "lambda_screen": 1.0 if screen else 0.0,
+                        "lambda_kl": 1e-2}  # fmt: skip
+
+    def __call__(self, batch: dict) -> None:
+        from trainer.step import run_net
+
+        losses, _ = run_net(self.model, batch, self.stats, arch="base", weights=self.weights,
+                            renderer=self.renderer, resolution=(2048, 1334))  # fmt: skip
+        _ = [float(losses[name].detach()) for name in LOSS_NAMES]  # trainer.loop reads them every step
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_cc.zero_grad(set_to_none=True)
+        losses["total_loss"].backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10)
+        self.optimizer.step()
+        self.optimizer_cc.step()
+
+
+def timed_steps(step: Step, next_batch, warmup: int, steps: int, batch_size: int) -> dict:
+    torch = step.torch
+    for _ in range(warmup):
+        step(next_batch())
+    torch.cuda.synchronize()
+    events = []
+    began = time.perf_counter()
+    for _ in range(steps):
+        batch = next_batch()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(batch)
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - began
+    busy = sum(start.elapsed_time(end) for start, end in events) / 1000.0
+    return {"samples_per_s": steps * batch_size / elapsed, "busy": busy / elapsed}
+
+
+def _constant(batch: dict):
+    return lambda: batch
+
+
+def train_rows(locations, args, device) -> list[str]:
+    import torch
+
+    from shards.decode import EntityMetadata
+
+    rows = []
+    workers = max(args.workers)
+    for screen in (True, False):
+        fields = SCREEN_FIELDS if screen else NO_SCREEN_FIELDS
+        first = locations[("delta-zstd", "local")]
+        meta = EntityMetadata.from_shard_folder(Path(first))
+        step = Step(meta, device, screen)
+        loader = Loader(first, "delta-zstd", "device", 0, args, device, fields)
+        fixed = _constant(loader.next())
+        loader.close()
+        ceiling = timed_steps(step, fixed, args.warmup, args.steps, args.batch)
+        del fixed
+        rows.append(f"| {'on' if screen else 'off'} | ceiling: one batch kept on the GPU | - | "
+                    f"{ceiling['samples_per_s']:.0f} | 1.00 | {ceiling['busy']:.2f} |")  # fmt: skip
+        print(rows[-1], flush=True)
+        for form in args.forms:
+            for path in args.paths:
+                source = "http" if (form, "http") in locations else "local"
+                try:
+                    stream = Loader(locations[(form, source)], form, path, workers, args, device, fields)
+                    result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
+                    stream.close()
+                except (RuntimeError, OSError) as error:  # e.g. a worker killed: /dev/shm or RAM too small
+                    rows.append(f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, "
+                                f"{source}, {workers} workers | failed: {str(error)[:160]} | - | - | - |")  # fmt: skip
+                    print(rows[-1], flush=True)
+                    continue
+                rows.append(
+                    f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, "
+                    f"{workers} workers | {form}/{path} | {result['samples_per_s']:.0f} | "
+                    f"{result['samples_per_s'] / ceiling['samples_per_s']:.2f} | {result['busy']:.2f} |"
+                )
+                print(rows[-1], flush=True)
+        del step
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- main
+def _machine(device) -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        "?",
+    )
+    card = "no GPU"
+    if device.type == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name(device)
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {card}, torch {torch.__version__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda adds the trainer part")
+    parser.add_argument(
+        "--workers", default=None, help="DataLoader worker counts, e.g. 1,4,8,16 (default 1,2)"
+    )
+    parser.add_argument(
+        "--parts", default=None, help="codec,loader,train (default: all that the device allows)"
+    )
+    parser.add_argument("--forms", default=",".join(FORMS), help="stored forms: png,delta-zstd")
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="cpu (decode_sample) and/or device (finish_on_device)"
+    )
+    parser.add_argument("--sources", default="local,http", help="local folder and/or the data service")
+    parser.add_argument("--frames", type=int, default=8, help="frames (2 synthesised, copied to this many)")
+    parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument(
+        "--noise", type=float, default=3.0, help="grey levels of Gaussian noise on every image"
+    )
+    parser.add_argument("--shard-size", type=parse_size, default=parse_size("64MB"))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--prefetch", type=int, default=2, help="DataLoader prefetch_factor (trainer.loop uses 4)"
+    )
+    parser.add_argument("--shuffle-buffer", type=int, default=32, help="samples per worker")
+    parser.add_argument("--seconds", type=float, default=8.0, help="least time per loader measurement")
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--smoke", action="store_true", help="small images and short runs: checks the harness"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="work folder, reused if it holds data (default: temp)"
+    )
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results_input.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.smoke:
+        args.workers = args.workers or "1"
+    args.workers = [
+        int(n) for n in (args.workers or ("1,2" if device.type == "cpu" else "1,4,8,16")).split(",")
+    ]
+    args.forms = [form for form in args.forms.split(",") if form]
+    args.paths = [path for path in args.paths.split(",") if path]
+    parts = set(
+        (args.parts or ("codec,loader,train" if device.type == "cuda" else "codec,loader")).split(",")
+    )
+    photo, tex = ("2048x1334", 1024)
+    if args.smoke:
+        photo, tex = ("256x168", 256)
+        args.frames, args.cameras, args.seconds, args.steps, args.batch, args.noise = 4, 2, 0.2, 3, 4, 0.0
+    notes = []
+    sources = [source for source in args.sources.split(",") if source]
+    if "http" in sources and (why := service_available()):
+        sources.remove("http")
+        notes.append(why)
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-input-"))
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    raw = work / "raw"
+    entity = next(raw.glob("m--*"), None) if raw.is_dir() else None
+    if entity is None:
+        entity = build_entity(raw, args.frames, args.cameras, photo, tex, args.noise, os.cpu_count() or 1)
+    print(f"entity ready in {time.monotonic() - began:.0f} s: {entity}", file=sys.stderr, flush=True)
+    folders = {}
+    for form in args.forms:
+        root = work / f"shards-{form}"
+        if not (root / entity.name / "manifest.json").is_file():
+            started = time.monotonic()
+            ingest(entity, root, shard_size=args.shard_size, image_codec=form)
+            print(f"ingest {form}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        folders[form] = root
+
+    command = "python bench/bench_input.py " + " ".join(sys.argv[1:])
+    lines = [f"## Input pipeline, {time.strftime('%Y-%m-%d')}", "", f"- machine: {_machine(device)}",
+             f"- command: `{command}`", f"- data: {args.frames} frames x {args.cameras} cameras, photo {photo}, "
+             f"texture {tex}, noise sigma {args.noise:g}; batch {args.batch}, prefetch_factor {args.prefetch}, "
+             f"shuffle buffer {args.shuffle_buffer}/worker, shard size {args.shard_size / 1e6:.0f} MB"]  # fmt: skip
+    lines += [f"- note: {note}" for note in notes]
+
+    if "codec" in parts:
+        lines += ["", "### Decode one image, one core (median of 7)", "",
+                  "| image | PNG MB | PNG ms (Pillow) | PNG ms (OpenCV) | delta-zstd MB | delta-zstd ms | "
+                  "delta-zstd encode ms | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += codec_rows(entity, args.noise)
+        print("\n".join(lines[-4:]), flush=True)
+
+    locations = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for form in args.forms:
+            locations[(form, "local")] = str(folders[form] / entity.name)
+            if "http" in sources:
+                base, pid = stack.enter_context(data_service(folders[form], raw, work / f"serve-{form}.log"))
+                locations[(form, "http")] = f"{base}/api/v1/entities/{entity.name}/manifest.json"
+                servers[form] = pid
+        if "loader" in parts:
+            lines += ["", "### Loader alone: decoded samples/s (screen-loss fields, batches "
+                      + ("on the GPU" if device.type == "cuda" else "in host memory") + ")", "",
+                      "| form | normalise on | source | workers | samples/s | loader CPU ms/sample | "
+                      "server CPU ms/sample | wire MB/sample | workers' peak RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for form in args.forms:
+                for path in args.paths:
+                    for source in sources:
+                        for workers in args.workers:
+                            try:
+                                result = measure_loader(locations[(form, source)], form, path, workers, args,
+                                                        device, servers.get(form) if source == "http" else None)  # fmt: skip
+                            except (
+                                RuntimeError,
+                                OSError,
+                            ) as error:  # a worker killed: /dev/shm or RAM too small
+                                lines.append(f"| {form} | {path} | {source} | {workers} | failed: "
+                                             f"{str(error)[:160]} | | | | |")  # fmt: skip
+                                print(lines[-1], flush=True)
+                                continue
+                            server_ms = (
+                                f"{result['server_cpu_ms']:.1f}"
+                                if result["server_cpu_ms"] is not None
+                                else "-"
+                            )
+                            lines.append(
+                                f"| {form} | {'GPU' if path == 'device' else 'CPU'} | {source} | {workers} | "
+                                f"{result['samples_per_s']:.1f} | {result['cpu_ms']:.0f} | {server_ms} | "
+                                f"{result['wire_mb']:.2f} | {result['rss_mb']:.0f} |"
+                            )
+                            print(lines[-1], flush=True)
+        if "train" in parts and device.type == "cuda":
+            lines += ["", f"### Trainer on the GPU: base, tex 1024, batch {args.batch}, {args.steps} timed steps", "",
+                      "| screen loss | fed by | form/path | samples/s | / ceiling | GPU busy |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += train_rows(locations, args, device)
+    lines.append(f"\n(total {time.monotonic() - began:.0f} s)\n")
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "a") as handle:
+        handle.write(text)
+    print(text)
+    print(json.dumps({"output": str(args.output)}), file=sys.stderr)
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Finish decoding a batch on the training device: the texture and photo arithmetic of
+``shards.decode.decode_sample``, done once per batch on the GPU instead of per sample on the CPU.
+
+With ``ShardStream(device_finish=True)`` the DataLoader workers only decompress images
+(``shards.decode.decode_stored``: uint8, as stored) and the batch crosses pinned memory and
+PCIe as uint8, a quarter of the float32 bytes. After ``to_device``, :func:`finish_on_device`
+flips, masks, normalises and (only when ``tex_size`` differs from the stored side) resizes, and
+returns the same fields as ``decode_sample``: bit-exact without a resize (IEEE float32 on CPU
+and CUDA), within float32 rounding of ``cv2.resize`` with one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+
+from shards.decode import EntityMetadata
+
+
+@dataclass
+class TextureStatistics:
+    """The texture statistics at the stored resolution, on the training device.
+
+    Attributes:
+        texmean: (T, T, 3) float32 mean texture, flipped vertically (as ``EntityMetadata``).
+        texstd: () float32 standard deviation (a tensor so division is IEEE float32 division,
+            as numpy's, not a multiplication by a reciprocal).
+    """
+
+    texmean: torch.Tensor
+    texstd: torch.Tensor
+
+    @classmethod
+    def build(cls, meta: EntityMetadata, device: torch.device) -> TextureStatistics:
+        return cls(
+            texmean=torch.from_numpy(meta.texmean).to(device),
+            texstd=torch.tensor(meta.texstd, dtype=torch.float32, device=device),
+        )
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, T, T) -> (N, C, size, size), cv2.resize INTER_LINEAR semantics (half-pixel, no antialias)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images  # cv2.resize to the same size is a copy
+    return functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )
+
+
+def normalise_textures(
+    textures: torch.Tensor, stats: TextureStatistics, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of stored textures -> (normalised, unseen mask), as ``shards.decode.normalise_texture``.
+
+    Args:
+        textures: (N, T, T, 3) uint8 as stored (not flipped), on the device.
+        stats: texture statistics at T, same device.
+        size: output side.
+
+    Returns:
+        (normalised (N, 3, size, size) float32 with unseen texels 0, unseen (N, 3, size, size)
+        float32 resized; 1 where the texel was unseen).
+    """
+    flipped = torch.flip(textures, dims=(1,))
+    unseen = flipped == 0
+    normalised = (flipped.to(torch.float32) - stats.texmean) / stats.texstd
+    normalised = normalised.masked_fill_(unseen, 0.0).permute(0, 3, 1, 2)
+    unseen_chw = unseen.permute(0, 3, 1, 2).to(torch.float32)
+    return _resize(normalised, size).contiguous(), _resize(unseen_chw, size).contiguous()
+
+
+def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> dict:
+    """Turn a batch of ``decode_stored`` samples into ``decode_sample``'s fields, in place.
+
+    Args:
+        batch: a collated batch on the device: ``tex``, ``avg_tex`` (N, T, T, 3) uint8 and
+            ``photo`` (N, H, W, 3) uint8 where present, plus the small fields (unchanged).
+        stats: texture statistics at the stored side T, on the same device.
+        tex_size: the model's texture side.
+
+    Returns:
+        ``batch`` with ``tex``, ``avg_tex`` (N, 3, S, S) float32 normalised, ``mask``
+        (N, 3, S, S) float32 (present when ``tex`` is) and ``photo`` (N, H, W, 3) float32 in [0, 1].
+    """
+    if "avg_tex" in batch:
+        batch["avg_tex"], _ = normalise_textures(batch["avg_tex"], stats, tex_size)
+    if "tex" in batch:
+        batch["tex"], unseen = normalise_textures(batch["tex"], stats, tex_size)
+        batch["mask"] = 1.0 - unseen
+    if "photo" in batch:
+        photo = batch["photo"]
+        batch["photo"] = photo.to(torch.float32) / torch.tensor(
+            255.0, dtype=torch.float32, device=photo.device
+        )
+    return batch
