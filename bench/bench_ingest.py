@@ -30,6 +30,12 @@ from shards.synth import synthesize
 
 def build_tree(base: Path, frames: int, cameras: int) -> Path:
     entity = synthesize(base, expressions=1, frames=2, cameras=cameras, seed=11)
+    replicate_frames(entity, frames)
+    return entity
+
+
+def replicate_frames(entity: Path, frames: int) -> None:
+    """Copy a one-expression entity's frames to ``frames`` frames (3 apart) and rewrite its frame list."""
     lines = [line.split() for line in (entity / "frame_list.txt").read_text().splitlines() if line.strip()]
     expression, first = lines[0]
     targets = [f"{int(first) + 3 * index:06d}" for index in range(frames)]
@@ -46,11 +52,12 @@ def build_tree(base: Path, frames: int, cameras: int) -> Path:
         for suffix in (".bin", ".obj", "_transform.txt"):
             shutil.copyfile(mesh / f"{source}{suffix}", mesh / f"{frame}{suffix}")
     (entity / "frame_list.txt").write_text("".join(f"{expression} {frame}\n" for frame in targets))
-    return entity
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--cameras", type=int, default=6)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -82,7 +89,10 @@ def main() -> int:
         ingest_rates.append(ingest_bytes / elapsed / 1e6)
         shutil.rmtree(out)
     tar_rate, ingest_rate = statistics.median(tar_rates), statistics.median(ingest_rates)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        "?",
+    )
     command = f"python bench/bench_ingest.py --frames {args.frames} --cameras {args.cameras} --workers {args.workers} --runs {args.runs}"
     row = (
         f"| {platform.machine()}, {os.cpu_count()} cores, {cpu} | `{command}` | {args.frames * args.cameras} samples, "
@@ -95,7 +105,9 @@ def main() -> int:
     print(row)
     results = Path(__file__).with_name("results_ingest.md")
     if not results.exists():
-        results.write_text("## Ingest throughput against tar -cf (same files, same disk, same run)\n\n" + header + "\n")
+        results.write_text(
+            "## Ingest throughput against tar -cf (same files, same disk, same run)\n\n" + header + "\n"
+        )
     with open(results, "a") as handle:
         handle.write(row + "\n")
     if args.dir is None:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from bench_ingest import replicate_frames  # bench/ is on sys.path when run as a script
 
 from shards.codecs import decode_dzst, decode_png, encode_dzst
 from shards.ingest import ingest, parse_size
@@ -75,27 +76,13 @@ def build_entity(
 ) -> Path:
     entity = synthesize(base, expressions=1, frames=2, cameras=cameras, photo_size=photo, tex_size=tex,
                         seed=11, workers=workers)  # fmt: skip
-    lines = [line.split() for line in (entity / "frame_list.txt").read_text().splitlines() if line.strip()]
-    expression, first = lines[0]
-    sources = [frame for _, frame in lines]
+    expression = (entity / "frame_list.txt").read_text().split()[0]
     images = sorted((entity / "images" / expression).rglob("*.png"))
     images += sorted((entity / "unwrapped_uv_1024" / expression).rglob("*.png"))
     if noise > 0:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda item: _add_noise(item[1], noise, item[0]), enumerate(images)))
-    targets = [f"{int(first) + 3 * index:06d}" for index in range(frames)]
-    for index, frame in enumerate(targets):
-        source = sources[index % len(sources)]
-        if frame == source:
-            continue
-        for folder in sorted((entity / "images" / expression).iterdir()) + sorted(
-            (entity / "unwrapped_uv_1024" / expression).iterdir()
-        ):
-            shutil.copyfile(folder / f"{source}.png", folder / f"{frame}.png")
-        mesh = entity / "tracked_mesh" / expression
-        for suffix in (".bin", ".obj", "_transform.txt"):
-            shutil.copyfile(mesh / f"{source}{suffix}", mesh / f"{frame}{suffix}")
-    (entity / "frame_list.txt").write_text("".join(f"{expression} {frame}\n" for frame in targets))
+    replicate_frames(entity, frames)
     return entity
 
 
