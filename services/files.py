@@ -6,9 +6,12 @@ the route hands over a descriptor that the catalog opened once (``O_NOFOLLOW``, 
 against the manifest), and :class:`PublishedFileResponse`:
 
 - answers 304 / 206 / 416 / 200 as :mod:`services.ranges` decides, ETag = quoted manifest sha256;
-- reads ``chunk_bytes`` at a time with ``os.pread`` in a worker thread (bounded by a limiter of
-  its own, so slow clients cannot take the threads that other routes need), and reads the next
-  chunk only after the previous one was handed to the socket, so a slow reader holds one chunk;
+- sends with sendfile(2) when the server offers the ASGI zero-copy send extension
+  (:class:`services.server.ZeroCopyProtocol`; the bytes never enter Python, a slow reader holds
+  no memory), else reads ``chunk_bytes`` at a time with ``os.pread`` in a worker thread
+  (bounded by a limiter of its own, so slow clients cannot take the threads that other routes
+  need), the next chunk only after the previous one was handed to the socket, so a slow reader
+  holds one chunk;
 - watches ``receive`` for ``http.disconnect`` and stops reading within one chunk when the
   client goes away;
 - gives up on a client that accepts nothing for ``send_timeout`` seconds;
@@ -20,8 +23,10 @@ against the manifest), and :class:`PublishedFileResponse`:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+from urllib.parse import quote
 
 import anyio
 from starlette.requests import Request
@@ -30,11 +35,40 @@ from starlette.types import Receive, Scope, Send
 
 from services.metrics import Metrics
 from services.ranges import ByteRange, none_match, parse_range, strong_etag
+from services.server import ZERO_COPY_SEND
 
 logger = logging.getLogger("services.files")
 
 READ_LIMITER_TOKENS = 16
+ZERO_COPY_PIECE_BYTES = 16 << 20
+"""Bytes per zero-copy send: costs no memory; only sets how often the byte counters move."""
 MEDIA_TYPES = {"shard": "application/x-tar", "meta": "application/octet-stream"}
+
+
+NGINX_INTERNAL_LOCATION = """\
+location {prefix} {{
+    internal;
+    alias {shard_root}/;
+    disable_symlinks on;
+    sendfile on;
+    etag off;
+    add_header ETag $upstream_http_etag;
+    add_header Last-Modified "";
+    if_modified_since off;
+    max_ranges 1;
+}}
+"""
+"""The nginx location that ``Settings.accel_redirect_prefix`` points at (``prefix``, ``shard_root``).
+
+The app has already answered 304, 404, 409 and 416 and chosen 200 or 206; this location makes
+nginx reach the same answer from the same request headers: the app's ETag (the manifest
+sha256) is the one If-Range is compared with, no Last-Modified (an If-Range date means the
+whole file, as in :mod:`services.ranges`), and several ranges mean the whole file.
+"""
+
+
+class _ClientGone(Exception):
+    """The zero-copy send found the client gone (it raises, where plain ``send`` does nothing)."""
 
 
 class PublishedFileResponse(Response):
@@ -57,6 +91,7 @@ class PublishedFileResponse(Response):
         limiter: anyio.CapacityLimiter,
     ):
         self.descriptor: int | None = descriptor
+        self.file: io.FileIO | None = None  # over ``descriptor``, for sendfile
         self.status_code = status_code
         self.background = None
         self.start, self.length = (byte_range.start, byte_range.length) if byte_range else (0, size)
@@ -75,6 +110,9 @@ class PublishedFileResponse(Response):
         metrics.open_streams.inc()
 
     def close(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closefd=False: the descriptor is closed below
+            self.file = None
         if self.descriptor is not None:
             os.close(self.descriptor)
             self.descriptor = None
@@ -94,7 +132,7 @@ class PublishedFileResponse(Response):
                 return
             async with anyio.create_task_group() as group:
                 group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
-                await self._stream(send)
+                await self._stream(send, zero_copy=ZERO_COPY_SEND in scope.get("extensions", {}))
                 group.cancel_scope.cancel()
         finally:
             self.close()
@@ -106,37 +144,83 @@ class PublishedFileResponse(Response):
                 scope.cancel()
                 return
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, zero_copy: bool) -> None:
+        # With zero copy the server measures stalls on progress (TimeoutError); otherwise a
+        # piece the client does not take within send_timeout is a stall.
+        send_piece = self._send_file_piece if zero_copy else self._read_and_send_piece
+        piece_bytes = ZERO_COPY_PIECE_BYTES if zero_copy else self.chunk_bytes
+        served = self.metrics.bytes_served.labels(self.kind)
         offset, end = self.start, self.start + self.length
-        descriptor = self.descriptor
-        assert descriptor is not None
         try:
-            while offset < end:
-                want = min(self.chunk_bytes, end - offset)
-                chunk = await anyio.to_thread.run_sync(
-                    os.pread, descriptor, want, offset, limiter=self.limiter
-                )
-                self.metrics.disk_bytes_read.inc(len(chunk))
-                if len(chunk) != want:
-                    # Truncated in place while serving: end short, the server closes the connection.
-                    self.metrics.errors.labels("file_shrank_while_serving").inc()
-                    logger.warning(
-                        "%s shrank while being served (%d bytes short at offset %d); response cut",
-                        self.name,
-                        want - len(chunk),
-                        offset,
-                    )
-                    return
-                offset += want
-                with anyio.fail_after(self.send_timeout):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": offset < end})
-                self.metrics.bytes_served.labels(self.kind).inc(len(chunk))
+            # One scope whose deadline moves with each piece: cheaper than a new one per piece.
+            with anyio.CancelScope() as stall:
+                while offset < end:
+                    want = min(piece_bytes, end - offset)
+                    if not zero_copy:
+                        stall.deadline = anyio.current_time() + self.send_timeout
+                    if not await send_piece(send, offset, want, offset + want < end):
+                        # Truncated in place while serving: end short, the server closes the connection.
+                        self.metrics.errors.labels("file_shrank_while_serving").inc()
+                        logger.warning(
+                            "%s shrank while being served (below %d bytes, at offset %d); response cut",
+                            self.name,
+                            offset + want,
+                            offset,
+                        )
+                        return
+                    offset += want
+                    served.inc(want)
+        except _ClientGone:
+            self.metrics.errors.labels("client_disconnected").inc()
         except TimeoutError:
-            self.metrics.errors.labels("client_send_timeout").inc()
-            logger.info("%s: client accepted nothing for %.0f s; response cut", self.name, self.send_timeout)
+            self._count_send_timeout()
         except anyio.get_cancelled_exc_class():
             self.metrics.errors.labels("client_disconnected").inc()
             raise
+        if stall.cancelled_caught:
+            self._count_send_timeout()
+
+    def _count_send_timeout(self) -> None:
+        self.metrics.errors.labels("client_send_timeout").inc()
+        logger.info("%s: client accepted nothing for %.0f s; response cut", self.name, self.send_timeout)
+
+    async def _read_and_send_piece(self, send: Send, offset: int, want: int, more_body: bool) -> bool:
+        """Read ``want`` bytes at ``offset`` in a worker thread and send them; False if the file is short."""
+        assert self.descriptor is not None
+        chunk = await anyio.to_thread.run_sync(os.pread, self.descriptor, want, offset, limiter=self.limiter)
+        self.metrics.disk_bytes_read.inc(len(chunk))
+        if len(chunk) != want:
+            return False
+        await send({"type": "http.response.body", "body": chunk, "more_body": more_body})
+        return True
+
+    async def _send_file_piece(self, send: Send, offset: int, want: int, more_body: bool) -> bool:
+        """Send ``want`` bytes at ``offset`` with sendfile; False if the file is short.
+
+        sendfile stops early at the end of a truncated file and the server then closes the
+        connection; the size is checked before and after, so that the truncation is reported.
+        """
+        assert self.descriptor is not None
+        if os.fstat(self.descriptor).st_size < offset + want:
+            return False
+        if self.file is None:
+            self.file = io.FileIO(self.descriptor, "rb", closefd=False)
+        try:
+            await send(
+                {
+                    "type": ZERO_COPY_SEND,
+                    "file": self.file,
+                    "offset": offset,
+                    "count": want,
+                    "more_body": more_body,
+                }
+            )
+        except TimeoutError:  # an OSError too, but the client is still there
+            raise
+        except OSError as error:
+            raise _ClientGone from error
+        self.metrics.disk_bytes_read.inc(want)
+        return os.fstat(self.descriptor).st_size >= offset + want
 
 
 def published_file_response(runtime, request: Request, entity: str, name: str, kind: str) -> Response:
@@ -166,6 +250,15 @@ def published_file_response(runtime, request: Request, entity: str, name: str, k
         raise
     if byte_range is not None:
         headers["content-range"] = byte_range.content_range
+    accel = runtime.settings.accel_redirect_prefix
+    if accel is not None and request.method == "GET" and status != 304:
+        # nginx sends the bytes from its internal location (NGINX_INTERNAL_LOCATION), which
+        # applies the request's Range and If-Range to the same file and the same ETag.
+        os.close(descriptor)
+        del headers["accept-ranges"]  # nginx sends its own
+        headers["x-accel-redirect"] = accel + quote(f"{entity}/{name}")
+        runtime.metrics.bytes_served.labels(kind).inc(byte_range.length if byte_range else entry.bytes)
+        return Response(status_code=status, headers=headers)
     return PublishedFileResponse(
         descriptor,
         status_code=status,

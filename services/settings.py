@@ -36,7 +36,18 @@ class Settings(BaseSettings):
     read_token: SecretStr | None = Field(None, description="Bearer token for data and status reads")
     admin_token: SecretStr | None = Field(None, description="Bearer token for jobs (also allowed to read)")
     public_status_page: bool = Field(False, description="serve the HTML status page at / without a token")
-    chunk_bytes: int = Field(1 << 20, ge=4096, le=64 << 20, description="bytes read from disk per send")
+    chunk_bytes: int = Field(
+        1 << 20, ge=4096, le=64 << 20, description="bytes read from disk per send (with zero_copy off)"
+    )
+    zero_copy: bool = Field(
+        True, description="send file bodies with sendfile(2) instead of reading them into the app"
+    )
+    accel_redirect_prefix: str | None = Field(
+        None,
+        pattern=r"^/(\S*/)?$",
+        description="only behind nginx: answer file GETs with an X-Accel-Redirect to this internal "
+        "location (e.g. /internal/), which serves the shard root; nginx then sends the bytes",
+    )
     header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send complete headers")
     send_timeout: float = Field(
         60.0, gt=0, description="seconds a client may accept no bytes before its download is cut"
@@ -83,6 +94,17 @@ class Settings(BaseSettings):
             )
         if self.public_status_page and not self.auth_enabled:
             logger.warning("MULTIFACE_PUBLIC_STATUS_PAGE has no effect: no token is set, everything is open")
+        if self.zero_copy and self.chunk_bytes != Settings.model_fields["chunk_bytes"].default:
+            logger.warning(
+                "MULTIFACE_CHUNK_BYTES has no effect: file bodies go out with sendfile (MULTIFACE_ZERO_COPY)"
+            )
+        if self.accel_redirect_prefix is not None:
+            logger.warning(
+                "MULTIFACE_ACCEL_REDIRECT_PREFIX=%s: nginx sends file bodies, so MULTIFACE_ZERO_COPY, "
+                "MULTIFACE_CHUNK_BYTES and MULTIFACE_SEND_TIMEOUT do not apply to them; clients must reach "
+                "the service only through nginx (a direct GET gets an empty body)",
+                self.accel_redirect_prefix,
+            )
         if self.workers > 1:
             logger.warning(
                 "--workers %d: /metrics reports the one worker process that answers the scrape", self.workers

@@ -59,12 +59,36 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     else:
         target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        store = _restart_store(world_size, timeout_s)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=timedelta(seconds=timeout_s),
             device_id=target if use_cuda else None,
+            **({"store": store, "rank": rank, "world_size": world_size} if store is not None else {}),
         )
     return DistEnv(rank, world_size, local_rank, target)
+
+
+def _restart_store(world_size: int, timeout_s: float) -> dist.Store | None:
+    """torchrun's agent store under a prefix per restart of the workers; None outside torchrun.
+
+    torchrun (torch 2.13) gives every restart of the workers the same agent store and no
+    per-attempt prefix, so restarted ranks read the addresses the killed ones published and fail
+    ("Gloo connectFullMesh failed ... Connection refused"; NCCL reads a stale unique id):
+    ``--max-restarts`` never worked. ``TORCHELASTIC_RESTART_COUNT`` is the same on every rank of
+    a node; across nodes it can differ after a restart that torchelastic does not count (a
+    membership change), which this does not cover.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 0),
+        world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"multiface/attempt-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", agent_store)
 
 
 def is_distributed() -> bool:
