@@ -208,6 +208,9 @@ class Trainer:
             print(f"resumed at step {self.step}, epoch {self.epoch} (model sha256 {digest[:16]})", flush=True)
 
     def save(self, best: bool = False) -> None:
+        # Every rank writes its RNG state; on nodes without a shared file system the folder
+        # exists only where rank 0 runs unless each rank makes it.
+        self.result_path.mkdir(parents=True, exist_ok=True)
         checkpointing.save_rank_rng(self.result_path, self.env.rank)
         barrier()
         if self.env.is_main:

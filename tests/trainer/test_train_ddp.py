@@ -200,3 +200,34 @@ def test_tampered_shard_is_refused(shard_root, tmp_path):
             )
         )
     assert f"refused shard {victim.name}" in output and "rank 0: 4 steps" in output
+
+
+def test_two_nodes_c10d_rendezvous(shard_root, tmp_path):
+    """Pins multi-node training through torchrun's own rendezvous (no home-made launcher): two
+    torchrun agents as two nodes (--nnodes=2, c10d on 127.0.0.1, one gloo rank each) train from one
+    data service and both ranks run the same number of steps."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        rendezvous_port = probe.getsockname()[1]
+    with data_service(shard_root / "raw", shard_root / "shards") as base:
+        url = manifest_url(base, next((shard_root / "shards").iterdir()))
+        agents = []
+        for node in range(2):
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{rendezvous_port}", "--rdzv_id=two-nodes",
+                "-m", "trainer.train", "--shards", url, "--result_path", str(tmp_path / f"node{node}"),
+                "--test_segment_config", str(shard_root / "segment.json"), "--tex_size", "256", "--nlatent", "32",
+                "--train_batch_size", "2", "--val_batch_size", "2", "--max_iter", "4", "--val_every", "4",
+                "--log_every", "2", "--val_num", "1", "--n_worker", "0", "--device", "cpu",
+            ]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            agents.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            )
+        outputs = [finish(agent) for agent in agents]
+    steps = sorted(re.findall(r"rank (\d): (\d+) steps", "".join(outputs)))
+    assert steps == [("0", "4"), ("1", "4")], outputs
+    assert "on 2 rank(s)" in "".join(outputs)
