@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     parser.add_argument("--entity", type=Path, help="a downloaded entity folder to use instead of a synthetic one")
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--nproc", type=int, default=2, help="training ranks under torchrun (default 2)")
     parser.add_argument("--tex-size", type=int, default=None, help="model texture size (default 256 on CPU, 1024 on GPU)")
     parser.set_defaults(func=run)
