@@ -425,7 +425,10 @@ def _ingest_locked(
                 for future in done:
                     entry, excluded = future.result()
                     manifest.shards.append(entry)
+                    # Sorted in memory as in the file, whichever thread finished first.
+                    manifest.shards.sort(key=lambda shard: shard.name)
                     manifest.excluded.extend(excluded)
+                    manifest.excluded.sort(key=lambda item: (item.key, item.path))
                     progress.shards_done += 1
                     save_manifest(out, manifest)
         except BaseException:
