@@ -247,7 +247,9 @@ def _attempt(
             raise IntegrityError(
                 f"{name}: the server sends {length} bytes from {sink.size}, the manifest says {expected.bytes} in all"
             )
-        while chunk := response.read(READ_BYTES):
+        # read1, not read: read(n) waits for all n bytes and loses those it got when the
+        # connection stalls or resets, so a resume would restart from the last whole megabyte.
+        while chunk := response.read1(READ_BYTES):
             if sink.size + len(chunk) > expected.bytes:
                 raise IntegrityError(
                     f"{name}: the server sent more than the manifest's {expected.bytes} bytes"

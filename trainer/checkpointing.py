@@ -34,11 +34,16 @@ def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        # A full disk must not keep a checkpoint-sized temp file (restarted ranks have other pids).
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> dict[str, Any]:

@@ -10,6 +10,7 @@ byte-identical to a clean ingest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -174,3 +175,23 @@ def test_job_start_on_a_full_disk_names_the_problem(entity_cache, tmp_path):
         response.status_code,
         response.text[:300],
     )
+
+
+def test_checkpoint_on_a_full_disk_keeps_no_temp_file(tmp_path):
+    """Pins row 16 for the trainer: a checkpoint save that runs out of space must raise and leave
+    the previous checkpoint whole and no temp file behind (it used to keep the half-written
+    checkpoint-sized temp, and each restarted rank has a new pid, so they piled up)."""
+    import torch
+
+    from trainer.checkpointing import CHECKPOINT, save_checkpoint
+
+    with small_disk(tmp_path / "disk", 64 * PAGE) as disk:
+        small = {"weights": torch.zeros(1000)}
+        save_checkpoint(disk, small, "{}")
+        # torch.save reports ENOSPC as the context of a RuntimeError from its zip writer.
+        with pytest.raises((OSError, RuntimeError)) as raised:
+            save_checkpoint(disk, {"weights": torch.zeros(1 << 20)}, "{}")
+        chain = [raised.value, raised.value.__context__, raised.value.__cause__]
+        assert any(isinstance(error, OSError) and error.errno == errno.ENOSPC for error in chain), chain
+        assert temp_files(disk) == []
+        assert torch.equal(torch.load(disk / CHECKPOINT, weights_only=False)["weights"], small["weights"])

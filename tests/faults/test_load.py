@@ -46,8 +46,6 @@ from shards.ingest import ingest
 from shards.remote import fetch_file
 
 SHARD_SIZE = 250_000
-SAMPLE_DELAY = 0.25
-"""Seconds per ingested sample in the server process, so the job is still running at SIGTERM."""
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 
 
@@ -167,7 +165,11 @@ def _crafted_files(count: int, seed: int) -> dict[str, bytes]:
     }
 
 
-def _run_load(entity: Path, clean: Path, tmp_path: Path, num_clients: int, per_client: int, figure) -> None:
+def _run_load(
+    entity: Path, clean: Path, tmp_path: Path, num_clients: int, per_client: int, sample_delay: float, figure
+) -> None:
+    """``sample_delay``: seconds per ingested sample in the server process, so that the ingest job
+    (18 samples) still runs when SIGTERM comes, after a third of the downloads."""
     shard_root = tmp_path / "shards"
     manifest = publish(shard_root, CRAFTED, _crafted_files(12, seed=8))
     entries = list(manifest.files().values())
@@ -179,7 +181,7 @@ def _run_load(entity: Path, clean: Path, tmp_path: Path, num_clients: int, per_c
         graceful_shutdown_timeout=2.0,
     )
     port, log = free_port(), tmp_path / "server.log"
-    server = ServerProcess(settings, port, log, sample_delay=SAMPLE_DELAY).start()
+    server = ServerProcess(settings, port, log, sample_delay=sample_delay).start()
     restarted: ServerProcess | None = None
     base = f"{server.url}/api/v1/entities/{CRAFTED}/"
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -282,10 +284,10 @@ def test_load_with_sigterm_and_restart(entity_cache, clean, tmp_path, figure):
     mismatches across a SIGTERM and restart (clients resume), no 5xx on status or hostile
     requests, no unpublished shard in the status while the ingest runs, the interrupted ingest
     resumes to byte-identical shards, and no token in the server log."""
-    _run_load(entity_cache, clean, tmp_path, num_clients=32, per_client=6, figure=figure)
+    _run_load(entity_cache, clean, tmp_path, num_clients=32, per_client=6, sample_delay=0.25, figure=figure)
 
 
 @pytest.mark.slow
 def test_load_many_clients(entity_cache, clean, tmp_path, figure):
     """Long variant: 128 clients, 8 downloads each, same checks."""
-    _run_load(entity_cache, clean, tmp_path, num_clients=128, per_client=8, figure=figure)
+    _run_load(entity_cache, clean, tmp_path, num_clients=128, per_client=8, sample_delay=1.5, figure=figure)

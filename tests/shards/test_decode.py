@@ -3,12 +3,12 @@ independently from the raw entity files with the formulas of reference section 3
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import webdataset
 from PIL import Image
 
-import cv2
 from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, members_needed, sample_decoder
 from shards.ingest import ingest
 

@@ -25,7 +25,10 @@ from trainer.models.layers import Conv2dWN, ConvTranspose2dWN, LinearWN, glorot_
 from trainer.models.vae import UpsampleBlock
 from trainer.models.warp import identity_grid
 
-KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoint_keys.json"
+# A copy of ../shared/reference/checkpoint_keys.json travels with the tests (the GPU machine and
+# plain clones have no ../shared); test_reference_copy_is_current keeps the two equal.
+KEYS_JSON = Path(__file__).resolve().parent / "reference" / "checkpoint_keys.json"
+SHARED_KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoint_keys.json"
 SMALL = {"tex_size": 256, "mesh_inp_size": 3 * 40, "n_latent": 16, "n_cams": 4}
 
 
@@ -33,6 +36,13 @@ def _published_keys() -> dict:
     if not KEYS_JSON.is_file():
         pytest.fail(f"{KEYS_JSON} is missing: the published key list is part of the shared reference")
     return json.loads(KEYS_JSON.read_text())
+
+
+def test_reference_copy_is_current() -> None:
+    """Pins the vendored key list to the shared reference, so the copy cannot drift from it."""
+    if not SHARED_KEYS_JSON.is_file():
+        pytest.skip(f"{SHARED_KEYS_JSON} is not beside this checkout")
+    assert json.loads(KEYS_JSON.read_text()) == json.loads(SHARED_KEYS_JSON.read_text())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
