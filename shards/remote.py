@@ -155,7 +155,8 @@ def fetch_file(
         expected: the file's manifest entry (size and sha256).
         token: the read token, or None.
         stall_timeout: seconds any connect or read may wait before the attempt fails.
-        retries: attempts after a failure that made no progress (progress resets the count).
+        retries: attempts after a failure that made no progress; a dropped connection that
+            delivered bytes resets the count, a stall (no byte for ``stall_timeout``) never does.
         on_retry: called with (url, error) before each retry (logging, counters).
 
     Raises:
@@ -189,7 +190,10 @@ def fetch_file(
         except (OSError, http.client.HTTPException) as error:
             if isinstance(error, FetchError) and not getattr(error, "retryable", False):
                 raise
-            failures = 1 if sink.size > before else failures + 1
+            # Progress forgives a dropped connection, not a stall: a server that keeps stopping
+            # (even after a few bytes each time) is given up on instead of trickled from forever.
+            progressed = sink.size > before and not isinstance(error, TimeoutError)
+            failures = 1 if progressed else failures + 1
             if failures > retries:
                 raise FetchError(
                     f"{url}: gave up after {retries} retries without progress: {error}"
