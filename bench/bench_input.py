@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -265,7 +266,6 @@ def measure_loader(location, form, path, workers, args, device, server_pid=None)
 
 
 # ---------------------------------------------------------------------------------------- train
-LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
 
 
 class Step:
@@ -275,11 +275,13 @@ class Step:
         import torch
 
         from trainer.models import build_model
+        from trainer.speed import SpeedOptions, apply_speedups
         from trainer.step import Statistics
 
         self.torch = torch
         torch.manual_seed(0)
         self.model = build_model("base", tex_size, 21918, 256, len(meta.cameras)).to(device)
+        self.speed = apply_speedups(self.model, SpeedOptions(), device)  # the trainer's defaults
         self.optimizer = torch.optim.Adam(self.model.get_model_params(), 3e-4, (0.9, 0.999))
         self.optimizer_cc = torch.optim.Adam(self.model.get_cc_params(), 3e-4, (0.9, 0.999))
         self.stats = Statistics.build(meta, tex_size, device)
@@ -292,11 +294,12 @@ class Step:
                         "lambda_kl": 1e-2}  # fmt: skip
 
     def __call__(self, batch: dict) -> None:
-        from trainer.step import run_net
+        from trainer.step import read_losses, run_net
 
         losses, _ = run_net(self.model, batch, self.stats, arch="base", weights=self.weights,
-                            renderer=self.renderer, resolution=(2048, 1334))  # fmt: skip
-        _ = [float(losses[name].detach()) for name in LOSS_NAMES]  # trainer.loop reads them every step
+                            renderer=self.renderer, resolution=(2048, 1334),
+                            screen_loss=self.speed.screen_loss)  # fmt: skip
+        read_losses(losses)  # trainer.loop reads them every step (loss-spike check)
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_cc.zero_grad(set_to_none=True)
         losses["total_loss"].backward()
@@ -335,7 +338,6 @@ def train_rows(locations, args, device) -> list[str]:
     from shards.decode import EntityMetadata
 
     rows = []
-    workers = max(args.workers)
     for screen in (True, False):
         fields = SCREEN_FIELDS if screen else NO_SCREEN_FIELDS
         first = locations[("delta-zstd", "local")]
@@ -349,24 +351,21 @@ def train_rows(locations, args, device) -> list[str]:
         rows.append(f"| {'on' if screen else 'off'} | ceiling: one batch kept on the GPU | - | "
                     f"{ceiling['samples_per_s']:.0f} | 1.00 | {ceiling['busy']:.2f} |")  # fmt: skip
         print(rows[-1], flush=True)
-        for form in args.forms:
-            for path in args.paths:
-                source = "http" if (form, "http") in locations else "local"
-                try:
-                    stream = Loader(locations[(form, source)], form, path, workers, args, device, fields)
-                    result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
-                    stream.close()
-                except (RuntimeError, OSError) as error:  # e.g. a worker killed: /dev/shm or RAM too small
-                    rows.append(f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, "
-                                f"{source}, {workers} workers | failed: {str(error)[:160]} | - | - | - |")  # fmt: skip
-                    print(rows[-1], flush=True)
-                    continue
+        for form, path, workers in itertools.product(args.forms, args.paths, args.train_workers):
+            source = "http" if (form, "http") in locations else "local"
+            label = f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, {workers} workers"
+            try:
+                stream = Loader(locations[(form, source)], form, path, workers, args, device, fields)
+                result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
+                stream.close()
+            except (RuntimeError, OSError) as error:  # e.g. a worker killed: /dev/shm or RAM too small
+                rows.append(f"{label} | failed: {str(error)[:160]} | - | - | - |")
+            else:
+                ratio = result["samples_per_s"] / ceiling["samples_per_s"]
                 rows.append(
-                    f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, "
-                    f"{workers} workers | {form}/{path} | {result['samples_per_s']:.0f} | "
-                    f"{result['samples_per_s'] / ceiling['samples_per_s']:.2f} | {result['busy']:.2f} |"
+                    f"{label} | {form}/{path} | {result['samples_per_s']:.0f} | {ratio:.2f} | {result['busy']:.2f} |"
                 )
-                print(rows[-1], flush=True)
+            print(rows[-1], flush=True)
         del step
         torch.cuda.empty_cache()
     return rows
@@ -417,6 +416,11 @@ def main() -> int:
     parser.add_argument("--shuffle-buffer", type=int, default=32, help="samples per worker")
     parser.add_argument("--seconds", type=float, default=8.0, help="least time per loader measurement")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument(
+        "--train-workers",
+        default=None,
+        help="DataLoader worker counts of the streaming trainer rows, e.g. 12,16 (default: the most of --workers)",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
         "--smoke", action="store_true", help="small images and short runs: checks the harness"
@@ -437,6 +441,9 @@ def main() -> int:
     args.workers = [
         int(n) for n in (args.workers or ("1,2" if device.type == "cpu" else "1,4,8,16")).split(",")
     ]
+    args.train_workers = (
+        [int(n) for n in args.train_workers.split(",")] if args.train_workers else [max(args.workers)]
+    )
     args.forms = [form for form in args.forms.split(",") if form]
     args.paths = [path for path in args.paths.split(",") if path]
     parts = set(

@@ -43,7 +43,6 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,8 @@ from shards.synth.motion import expression_motion, head_pose
 from trainer import losses
 from trainer.models import ARCHS, build_model
 from trainer.speed import COMPILE_MODES, SpeedOptions, Speedups, apply_speedups
-from trainer.step import Statistics, run_net
+from trainer.step import LOSS_NAMES, Statistics, read_losses, run_net
 
-LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
 NUM_CAMERAS = 38
 MESH_INP_SIZE = 21918
 VERTSTD_MM = 2.0
@@ -136,6 +134,7 @@ def build_scene(args: argparse.Namespace, device: torch.device, screen: bool, se
         vertmean=torch.from_numpy(rest).view(1, -1, 3).to(device),
         vertstd=VERTSTD_MM,
         loss_weight=torch.ones(1, 3, size, size, device=device),
+        uniform_weight=True,
     )
     batches = []
     for index in range(args.num_batches):
@@ -165,6 +164,11 @@ def build_scene(args: argparse.Namespace, device: torch.device, screen: bool, se
 
 
 # --------------------------------------------------------------------------- one training step
+
+
+def reference_values(step_losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The seed reads each loss on the host on its own (one wait per loss)."""
+    return {name: float(step_losses[name].detach()) for name in LOSS_NAMES}
 
 
 def reference_forward(model, batch, stats, *, arch, weights, renderer, resolution):
@@ -220,19 +224,17 @@ class Runner:
         self.optimizer_cc = torch.optim.Adam(model.get_cc_params(), lr, betas, **extra)
 
     def step(self, batch: dict) -> dict[str, float]:
-        forward: Callable = run_net if self.variant.single_raster else reference_forward
-        result = forward(
-            self.module,
-            batch,
-            self.scene.stats,
-            arch=self.arch,
-            weights=self.weights,
-            renderer=self.renderer,
-            resolution=self.scene.resolution,
-        )
+        common = {"arch": self.arch, "weights": self.weights, "renderer": self.renderer}
+        common["resolution"] = self.scene.resolution
+        if self.variant.single_raster:
+            result = run_net(
+                self.module, batch, self.scene.stats, screen_loss=self.speed.screen_loss, **common
+            )
+        else:
+            result = reference_forward(self.module, batch, self.scene.stats, **common)
         step_losses = result[0] if isinstance(result, tuple) else result
         # Read on the host every step, as the training loop does for its loss-spike check.
-        values = {name: float(step_losses[name].detach()) for name in LOSS_NAMES}
+        values = read_losses(step_losses) if self.variant.single_raster else reference_values(step_losses)
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_cc.zero_grad(set_to_none=True)
         step_losses["total_loss"].backward()

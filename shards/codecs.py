@@ -78,8 +78,15 @@ def encode_dzst(pixels: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
     return header + compressor.compress(delta.data)
 
 
-def decode_dzst(data: bytes, source: str) -> np.ndarray:
-    """Decode a ``delta-zstd`` member to (H, W, C) uint8 pixels, or raise ``FormatError`` naming ``source``."""
+def decompress_dzst(data: bytes, source: str) -> np.ndarray:
+    """A ``delta-zstd`` member's pixels still row-filtered: row r holds row r minus row r - 1 (mod 256).
+
+    :func:`undo_up_filter` (or ``trainer.gpu_decode.undo_up_filter`` on a batch, on the GPU)
+    turns them into the pixels. Raises ``FormatError`` naming ``source`` for a bad member.
+
+    Returns:
+        (H, W, C) uint8, writable.
+    """
     if len(data) < _HEADER.size:
         raise FormatError(source, "a delta-zstd image (shorter than its 16-byte header)")
     magic, version, kind, channels, rows, cols = _HEADER.unpack_from(data)
@@ -97,12 +104,29 @@ def decode_dzst(data: bytes, source: str) -> np.ndarray:
         raise FormatError(source, f"an intact zstd frame ({error}; corrupt)") from None
     if len(raw) != expected:
         raise FormatError(source, f"{expected} pixel bytes ({rows}x{cols}x{channels})", found=f"{len(raw)}")
-    pixels = np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(rows, cols * channels)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(rows, cols, channels)
+
+
+def undo_up_filter(filtered: np.ndarray) -> np.ndarray:
+    """Undo the "Up" row filter in place: each row plus the (already restored) row above, mod 256.
+
+    Args:
+        filtered: (H, W, C) uint8 from :func:`decompress_dzst`, writable.
+
+    Returns:
+        ``filtered``, now the pixels.
+    """
+    rows = filtered.reshape(filtered.shape[0], -1)
     add = np.add
-    for row in range(1, rows):
+    for row in range(1, rows.shape[0]):
         # A per-row loop: numpy's cumsum along axis 0 is about 10x slower than these adds.
-        add(pixels[row], pixels[row - 1], out=pixels[row])
-    return pixels.reshape(rows, cols, channels)
+        add(rows[row], rows[row - 1], out=rows[row])
+    return filtered
+
+
+def decode_dzst(data: bytes, source: str) -> np.ndarray:
+    """Decode a ``delta-zstd`` member to (H, W, C) uint8 pixels, or raise ``FormatError`` naming ``source``."""
+    return undo_up_filter(decompress_dzst(data, source))
 
 
 def decode_png(data: bytes, source: str) -> np.ndarray:
@@ -116,10 +140,14 @@ def decode_png(data: bytes, source: str) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(data: bytes, extension: str, source: str) -> np.ndarray:
-    """Pixels of an image member of either form, chosen by its extension (``png`` or ``dzst``)."""
+def decode_image(data: bytes, extension: str, source: str, keep_row_filter: bool = False) -> np.ndarray:
+    """Pixels of an image member of either form, chosen by its extension (``png`` or ``dzst``).
+
+    With ``keep_row_filter`` a ``dzst`` member comes back still row-filtered
+    (:func:`decompress_dzst`), for undoing the filter on the GPU; PNG members are always pixels.
+    """
     if extension == "dzst":
-        return decode_dzst(data, source)
+        return decompress_dzst(data, source) if keep_row_filter else decode_dzst(data, source)
     if extension == "png":
         return decode_png(data, source)
     raise FormatError(source, "an image member ending in .png or .dzst", found=extension)

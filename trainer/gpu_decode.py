@@ -2,8 +2,9 @@
 ``shards.decode.decode_sample``, done once per batch on the GPU instead of per sample on the CPU.
 
 With ``ShardStream(device_finish=True)`` the DataLoader workers only decompress images
-(``shards.decode.decode_stored``: uint8, as stored) and the batch crosses pinned memory and
-PCIe as uint8, a quarter of the float32 bytes. After ``to_device``, :func:`finish_on_device`
+(``shards.decode.decode_stored``: uint8, as stored; ``delta-zstd`` images still row-filtered)
+and the batch crosses pinned memory and PCIe as uint8, a quarter of the float32 bytes.
+:func:`undo_up_filter` restores the pixels of a row-filtered batch on the device. After ``to_device``, :func:`finish_on_device`
 flips, masks, normalises and (only when ``tex_size`` differs from the stored side) resizes, and
 returns the same fields as ``decode_sample``: bit-exact without a resize (IEEE float32 on CPU
 and CUDA), within float32 rounding of ``cv2.resize`` with one.
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as functional
 
-from shards.decode import EntityMetadata
+from shards.decode import ROW_FILTER_FIELD, EntityMetadata
+
+IMAGE_FIELDS = ("photo", "tex", "avg_tex")
 
 
 @dataclass
@@ -71,6 +74,19 @@ def normalise_textures(
     return _resize(normalised, size).contiguous(), _resize(unseen_chw, size).contiguous()
 
 
+def undo_up_filter(images: torch.Tensor) -> torch.Tensor:
+    """Pixels of a batch of row-filtered images (``shards.codecs.decompress_dzst``): each row is
+    the sum of the filtered rows above it and itself, modulo 256 (exact integer arithmetic).
+
+    Args:
+        images: (N, H, W, C) uint8, row r holding row r minus row r - 1 (mod 256).
+
+    Returns:
+        (N, H, W, C) uint8 pixels.
+    """
+    return torch.cumsum(images, dim=1, dtype=torch.int32).bitwise_and_(255).to(torch.uint8)
+
+
 def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> dict:
     """Turn a batch of ``decode_stored`` samples into ``decode_sample``'s fields, in place.
 
@@ -84,6 +100,17 @@ def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> di
         ``batch`` with ``tex``, ``avg_tex`` (N, 3, S, S) float32 normalised, ``mask``
         (N, 3, S, S) float32 (present when ``tex`` is) and ``photo`` (N, H, W, 3) float32 in [0, 1].
     """
+    filters = batch.pop(ROW_FILTER_FIELD, None)  # per sample "up" or "none" (host strings)
+    if filters is not None and "up" in filters:
+        rows = [index for index, kind in enumerate(filters) if kind == "up"]
+        for name in IMAGE_FIELDS:
+            if name in batch:
+                images = batch[name]
+                if len(rows) == len(filters):
+                    batch[name] = undo_up_filter(images)
+                else:  # never within one manifest (one image form); kept exact all the same
+                    chosen = torch.tensor(rows, device=images.device)
+                    batch[name] = images.index_copy(0, chosen, undo_up_filter(images[chosen]))
     if "avg_tex" in batch:
         batch["avg_tex"], _ = normalise_textures(batch["avg_tex"], stats, tex_size)
     if "tex" in batch:

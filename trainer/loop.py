@@ -27,9 +27,8 @@ from trainer.gpu_decode import TextureStatistics, finish_on_device
 from trainer.images import grid
 from trainer.models import build_model, load_weights
 from trainer.speed import SpeedOptions, apply_speedups
-from trainer.step import Statistics, run_net, to_device
+from trainer.step import LOSS_NAMES, Statistics, read_losses, run_net, to_device
 
-LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
 UNITS = {
     "total_loss": "weighted sum",
     "vert_loss": "normalised vertex units",
@@ -276,8 +275,9 @@ class Trainer:
                 weights=self.weights,
                 renderer=self.renderer,
                 resolution=config.resolution,
+                screen_loss=self.speed.screen_loss,
             )
-            values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
+            values = read_losses(losses)
             spike = not all(math.isfinite(value) for value in values.values()) or any(
                 values[name] > config.pass_thres * previous[name] for name in previous
             )

@@ -10,8 +10,10 @@ Typical use in a training step (one rasterisation, two textures)::
 
     renderer = Renderer(device, antialias=True)
     raster = renderer.rasterize(M, verts, vert_ids, (2048, 1334))
-    image = renderer.shade(raster, uvs, uv_ids, pred_tex01)          # (N, 2048, 1334, 3)
-    weight = renderer.shade(raster, uvs, uv_ids, loss_weight, antialias=False)
+    texcoords = renderer.texcoords(raster, uvs, uv_ids)               # shared by both textures
+    image = renderer.shade(raster, uvs, uv_ids, pred_tex01, texcoords=texcoords)  # (N, 2048, 1334, 3)
+    weight = renderer.shade(raster, uvs, uv_ids, loss_weight, antialias=False, texcoords=texcoords)
+    # A uniform weight image renders to the coverage itself: renderer.coverage(raster).
 """
 
 from __future__ import annotations
@@ -166,6 +168,31 @@ class Renderer:
         rast, _ = self._dr.rasterize(self.context, clip, triangles, resolution=[rows, cols])
         return Rasterization(rast=rast, clip=clip, triangles=triangles)
 
+    def texcoords(self, raster: Rasterization, uvs: torch.Tensor, uv_ids: torch.Tensor) -> torch.Tensor:
+        """Per-pixel texture coordinates of a rasterised batch, reusable by several :meth:`shade` calls.
+
+        Args:
+            raster: From :meth:`rasterize`.
+            uvs: (Nuv, 2) or (N, Nuv, 2) float32 ``uvs`` in [0, 1], CUDA.
+            uv_ids: (F, 3) or (N, F, 3) integer ``uv_ids``, 0-based.
+
+        Returns:
+            (N, rows, cols, 2) float32 interpolated uvs (differentiable in the vertex positions).
+        """
+        uv = uvs if uvs.dim() == 3 else uvs[None]
+        uv_triangles = _shared_topology(uv_ids, "uv_ids")
+        texcoords, _ = self._dr.interpolate(uv.float().contiguous(), raster.rast, uv_triangles)
+        return texcoords
+
+    @staticmethod
+    def coverage(raster: Rasterization) -> torch.Tensor:
+        """(N, rows, cols, 1) float32: 1 where a triangle covers the pixel, else 0.
+
+        It equals :meth:`shade` of a texture that is 1 everywhere (without antialiasing), the
+        screen loss's mask when no weight image is given, for one texture lookup less.
+        """
+        return torch.clamp(raster.rast[..., 3:], 0.0, 1.0)
+
     def shade(
         self,
         raster: Rasterization,
@@ -173,6 +200,7 @@ class Renderer:
         uv_ids: torch.Tensor,
         texture: torch.Tensor,
         antialias: bool | None = None,
+        texcoords: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Texture a rasterised batch: interpolate uvs, sample bilinearly, mask by coverage.
 
@@ -182,19 +210,20 @@ class Renderer:
             uv_ids: (F, 3) or (N, F, 3) integer ``uv_ids``, 0-based.
             texture: (N or 1, C, T, T) float32 texture, CHW, vertically flipped as the
                 dataset's textures are (row 0 is v = 0); e.g. a predicted texture in [0, 1]
-                scale, or the UV-space loss weight image for the screen mask.
+                scale, or the UV-space loss weight image for the screen mask. A batch of 1
+                is used for every image (nvdiffrast broadcasts it; no copy per sample).
             antialias: Override the renderer's ``antialias`` for this call.
+            texcoords: :meth:`texcoords` of this raster, when several textures share it.
 
         Returns:
             (N, rows, cols, C) float32; zero where no triangle covers the pixel.
         """
         dr = self._dr
-        uv = uvs if uvs.dim() == 3 else uvs[None]
-        uv_triangles = _shared_topology(uv_ids, "uv_ids")
-        texcoords, _ = dr.interpolate(uv.float().contiguous(), raster.rast, uv_triangles)
+        if texcoords is None:
+            texcoords = self.texcoords(raster, uvs, uv_ids)
         texels = texture.float().permute(0, 2, 3, 1).contiguous()
         colour = dr.texture(texels, texcoords, filter_mode="linear")
-        colour = colour * torch.clamp(raster.rast[..., 3:], 0.0, 1.0)
+        colour = colour * self.coverage(raster)
         if self.antialias if antialias is None else antialias:
             colour = dr.antialias(colour.contiguous(), raster.rast, raster.clip, raster.triangles)
         return colour

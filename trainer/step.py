@@ -6,6 +6,7 @@ project reports is computed one way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -28,6 +29,8 @@ class Statistics:
         vertmean: (1, V, 3) float32 mean vertices.
         vertstd: vertex standard deviation.
         loss_weight: (1, 3, H, W) float32 UV-space screen-loss weight image, flipped, max 1.
+        uniform_weight: True when ``loss_weight`` is 1 everywhere (no ``--loss_weight_mask``):
+            the screen mask is then the render's coverage, without a second texture lookup.
     """
 
     texmean: torch.Tensor
@@ -35,6 +38,7 @@ class Statistics:
     vertmean: torch.Tensor
     vertstd: float
     loss_weight: torch.Tensor
+    uniform_weight: bool = False
 
     @classmethod
     def build(
@@ -56,8 +60,12 @@ class Statistics:
             vertmean=torch.from_numpy(meta.vertmean).view(1, -1, 3).to(device),
             vertstd=meta.vertstd,
             loss_weight=torch.from_numpy(weight).permute(2, 0, 1)[None].contiguous().to(device),
+            uniform_weight=loss_weight_mask is None,
         )
 
+
+LOSS_NAMES = ("total_loss", "vert_loss", "tex_loss", "screen_loss", "kl")
+"""The losses :func:`run_net` returns, in the order logs and tables print them."""
 
 TENSOR_FIELDS = (
     "M",
@@ -92,6 +100,7 @@ def run_net(
     renderer: Renderer | None = None,
     resolution: tuple[int, int] = (2048, 1334),
     sample: bool = True,
+    screen_loss: Callable[..., torch.Tensor] = losses.screen_loss,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
     """Forward one batch and compute the reference losses.
 
@@ -104,6 +113,8 @@ def run_net(
         renderer: needed when ``lambda_screen`` > 0.
         resolution: (rows, cols) of the screen-loss render.
         sample: draw z from the posterior (training); False uses its mean.
+        screen_loss: :func:`trainer.losses.screen_loss` or a compiled form of it
+            (:attr:`trainer.speed.Speedups.screen_loss`); same arguments, same value.
 
     Returns:
         (losses: ``total_loss``, ``vert_loss``, ``tex_loss``, ``screen_loss``, ``kl`` as 0-d
@@ -127,11 +138,18 @@ def run_net(
     if weights["lambda_screen"] > 0:
         if renderer is None:
             raise RuntimeError("lambda_screen > 0 needs a Renderer (CUDA + nvdiffrast)")
+        # One rasterisation and one uv interpolation serve the image and the mask (the
+        # reference renders twice); a uniform weight image renders to the coverage itself.
         raster = renderer.rasterize(batch["M"], pred_verts, batch["vert_ids"], resolution)
-        pred_screen = renderer.shade(raster, batch["uvs"], batch["uv_ids"], pred01)
-        weight = stats.loss_weight.expand(pred01.shape[0], -1, -1, -1)
-        screen_mask = renderer.shade(raster, batch["uvs"], batch["uv_ids"], weight, antialias=False)
-        screen = losses.screen_loss(pred_screen, batch["photo"], screen_mask, stats.texstd)
+        texcoords = renderer.texcoords(raster, batch["uvs"], batch["uv_ids"])
+        pred_screen = renderer.shade(raster, batch["uvs"], batch["uv_ids"], pred01, texcoords=texcoords)
+        if stats.uniform_weight:
+            screen_mask = renderer.coverage(raster)
+        else:
+            screen_mask = renderer.shade(
+                raster, batch["uvs"], batch["uv_ids"], stats.loss_weight, antialias=False, texcoords=texcoords
+            )
+        screen = screen_loss(pred_screen, batch["photo"], screen_mask, stats.texstd)
         outputs["pred_screen"] = pred_screen
     total = losses.total_loss(vert_loss, tex_loss, screen, kl, **weights)
     outputs["pred_verts"], outputs["pred_tex"] = pred_verts, pred01
@@ -145,3 +163,9 @@ def run_net(
         },
         outputs,
     )
+
+
+def read_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's losses on the host with one device-to-host copy (one wait), not one per loss."""
+    stacked = torch.stack([losses[name].detach().float() for name in LOSS_NAMES])
+    return dict(zip(LOSS_NAMES, stacked.tolist(), strict=True))

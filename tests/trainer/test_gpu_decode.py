@@ -42,9 +42,12 @@ def test_device_finish_equals_decode_sample(shard_folder, size):
     size (flip, zero mask, (t - mean) / std, photo / 255), float32 rounding with a resize."""
     meta = EntityMetadata.from_shard_folder(shard_folder)
     samples = _samples(shard_folder)[:4]
-    stored = _collate([decode_stored(sample, meta, ALL_FIELDS) for sample in samples])
+    stored = _collate([decode_stored(sample, meta, ALL_FIELDS, keep_row_filter=True) for sample in samples])
     assert stored["tex"].dtype == torch.uint8 and "mask" not in stored
+    form = "up" if "photo.dzst" in samples[0] else "none"
+    assert stored["image_filter"] == [form] * len(samples)
     batch = finish_on_device(stored, TextureStatistics.build(meta, torch.device("cpu")), size)
+    assert "image_filter" not in batch
     reference = _collate([decode_sample(sample, meta, size) for sample in samples])
     for name in ("tex", "avg_tex", "mask", "photo"):
         assert batch[name].dtype == torch.float32 and batch[name].shape == reference[name].shape, name
@@ -68,6 +71,29 @@ def test_stream_with_device_finish_yields_stored_images(shard_folder):
     sample = next(iter(stream))
     assert sample["photo"].dtype == np.uint8 and sample["tex"].shape == (TEX, TEX, 3)
     assert "mask" not in sample and sample["aligned_verts"].dtype == np.float32
+    assert sample["image_filter"] == ("up" if source.manifest.image_codec == "delta-zstd" else "none")
+
+
+def test_undo_up_filter_is_exact_and_a_mixed_batch_is_unfiltered_per_sample():
+    """Pins the device-side unfiltering bit-exact against the CPU decoder on worst-case pixels
+    (every value, wrap-around both ways), and a batch mixing forms (never within one manifest)."""
+    from shards.codecs import decode_dzst, decompress_dzst, encode_dzst
+    from trainer.gpu_decode import undo_up_filter
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (37, 23, 3), dtype=np.uint8) for _ in range(3)]
+    images[1][::2] = 255
+    images[1][1::2] = 0
+    encoded = [encode_dzst(image) for image in images]
+    filtered = torch.from_numpy(np.stack([decompress_dzst(data, "test") for data in encoded]))
+    expected = np.stack([decode_dzst(data, "test") for data in encoded])
+    np.testing.assert_array_equal(undo_up_filter(filtered).numpy(), expected)
+    np.testing.assert_array_equal(expected, np.stack(images))
+    mixed = {"photo": filtered.clone(), "image_filter": ["up", "none", "up"]}
+    mixed["photo"][1] = torch.from_numpy(images[1])
+    stats = TextureStatistics(texmean=torch.zeros(1), texstd=torch.tensor(1.0))
+    batch = finish_on_device(mixed, stats, 23)
+    np.testing.assert_array_equal((batch["photo"] * 255).round().to(torch.uint8).numpy(), expected)
 
 
 def test_tampered_fast_form_shard_is_refused(shard_folder, tmp_path):

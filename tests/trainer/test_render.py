@@ -151,3 +151,33 @@ def test_shade_broadcasts_a_single_weight_image_and_antialias_passes_vertex_grad
     colour.sum().backward()
     assert verts.grad is not None and torch.isfinite(verts.grad).all()
     assert torch.count_nonzero(verts.grad) > 0
+
+
+@pytest.mark.gpu
+def test_coverage_is_the_render_of_a_uniform_weight_and_texcoords_are_shared(
+    renderer_factory, cuda_device: torch.device
+) -> None:
+    """Pins the shortcut ``run_net`` takes without --loss_weight_mask: ``Renderer.coverage`` equals
+    shading a texture of ones (the reference's screen mask), and shading with precomputed
+    ``texcoords`` equals shading without them, values and vertex gradients."""
+    renderer = renderer_factory()
+    M, verts, vert_ids, uvs, uv_ids = _quad_scene(cuda_device)
+    raster = renderer.rasterize(M, verts, vert_ids, (ROWS, COLS))
+    ones = renderer.shade(raster, uvs, uv_ids, torch.ones(1, 3, 8, 8, device=cuda_device), antialias=False)
+    coverage = renderer.coverage(raster)
+    assert coverage.shape == (2, ROWS, COLS, 1) and int(coverage.sum()) > 0
+    torch.testing.assert_close(ones, coverage.expand_as(ones), atol=1e-6, rtol=0)
+
+    texture = torch.rand(
+        2, 3, 8, 8, device=cuda_device, generator=torch.Generator(cuda_device).manual_seed(0)
+    )
+    gradients = []
+    for shared in (False, True):
+        moving = verts.clone().requires_grad_(True)
+        raster = renderer.rasterize(M, moving, vert_ids, (ROWS, COLS))
+        texcoords = renderer.texcoords(raster, uvs, uv_ids) if shared else None
+        image = renderer.shade(raster, uvs, uv_ids, texture, texcoords=texcoords)
+        (image * torch.linspace(0, 1, COLS, device=cuda_device)[None, None, :, None]).sum().backward()
+        gradients.append((image.detach(), moving.grad))
+    torch.testing.assert_close(gradients[0][0], gradients[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(gradients[0][1], gradients[1][1])

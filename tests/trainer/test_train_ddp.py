@@ -231,3 +231,50 @@ def test_two_nodes_c10d_rendezvous(shard_root, tmp_path):
     steps = sorted(re.findall(r"rank (\d): (\d+) steps", "".join(outputs)))
     assert steps == [("0", "4"), ("1", "4")], outputs
     assert "on 2 rank(s)" in "".join(outputs)
+
+
+@pytest.mark.multigpu
+def test_two_gpus_nccl_with_screen_loss(shard_root, tmp_path):
+    """Pins DDP on two GPUs: torchrun starts one NCCL rank per GPU, both stream the entity from a
+    live data service on loopback, train with the nvdiffrast screen loss on, run the same number of
+    steps with finite, positive screen losses, and rank 0 writes a complete checkpoint.
+
+    Run on a machine with two GPUs: ``REQUIRE_GPU=1 python -m pytest tests/trainer -m multigpu``."""
+    import importlib.util
+
+    problem = None
+    if torch.cuda.device_count() < 2:
+        problem = f"two CUDA devices are needed, torch sees {torch.cuda.device_count()}"
+    elif importlib.util.find_spec("nvdiffrast") is None:
+        problem = "nvdiffrast is not installed"
+    if problem is not None:
+        if os.environ.get("REQUIRE_GPU") == "1":
+            pytest.fail(f"REQUIRE_GPU=1 but {problem}", pytrace=False)
+        pytest.skip(problem)
+    result = tmp_path / "run"
+    with data_service(shard_root / "raw", shard_root / "shards") as base:
+        url = manifest_url(base, next((shard_root / "shards").iterdir()))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "trainer.train", "--shards", url, "--result_path", str(result),
+            "--test_segment_config", str(shard_root / "segment.json"), "--tex_size", "256", "--nlatent", "32",
+            "--train_batch_size", "2", "--val_batch_size", "2", "--lr", "1e-3", "--max_iter", "12",
+            "--val_every", "6", "--log_every", "2", "--val_num", "2", "--n_worker", "1", "--device", "cuda",
+            "--lambda_screen", "1", "--resolution", "64", "48",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NCCL_DEBUG": "VERSION"}
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        output = finish(process)
+    print(output[-3000:])
+    assert "on 2 rank(s), device cuda" in output, output[-3000:]
+    assert "NCCL version" in output, output[-3000:]
+    assert sorted(re.findall(r"rank (\d): (\d+) steps", output)) == [("0", "12"), ("1", "12")], output[-3000:]
+    screen = [
+        float(value)
+        for value in re.findall(r"^step\s+\d+: .*?screen_loss ([0-9.eE+-]+)", output, re.MULTILINE)
+    ]
+    assert screen and all(0.0 < value < float("inf") for value in screen), output[-3000:]
+    saved = torch.load(result / CHECKPOINT, weights_only=False, map_location="cpu")
+    assert saved["step"] == 12
