@@ -197,7 +197,7 @@ def _peak_rss_mb(pids) -> float:
 class Loader:
     """A DataLoader over a ShardStream, as trainer.loop builds it, plus the per-batch finish."""
 
-    def __init__(self, location, form, path, workers, args, device, fields, tex_size=1024):
+    def __init__(self, location, form, path, workers, args, device, fields, tex_size=1024, kind="processes"):
         import torch
 
         from trainer.data import ShardSource, ShardStream, Split, select_shards
@@ -212,10 +212,17 @@ class Loader:
         stream = ShardStream(source, shards, count, split, "train", 0, 1, tex_size, fields, seed=0,
                              shuffle_buffer=args.shuffle_buffer, device_finish=path == "device")  # fmt: skip
         self.stats = TextureStatistics.build(source.metadata(), device) if path == "device" else None
-        self.loader = torch.utils.data.DataLoader(
-            stream, batch_size=args.batch, num_workers=workers, pin_memory=device.type == "cuda",
-            prefetch_factor=args.prefetch if workers > 0 else None,
-        )  # fmt: skip
+        self.threads = kind == "threads" and workers > 0
+        if self.threads:
+            from trainer.feeder import ThreadedBatches
+
+            self.loader = ThreadedBatches(stream, args.batch, workers, prefetch=args.prefetch,
+                                          pin_memory=device.type == "cuda")  # fmt: skip
+        else:
+            self.loader = torch.utils.data.DataLoader(
+                stream, batch_size=args.batch, num_workers=workers, pin_memory=device.type == "cuda",
+                prefetch_factor=args.prefetch if workers > 0 else None,
+            )  # fmt: skip
         self.iterator = iter(self.loader)
 
     def next(self) -> dict:
@@ -233,11 +240,13 @@ class Loader:
         return [os.getpid()] + [worker.pid for worker in getattr(self.iterator, "_workers", [])]
 
     def close(self) -> None:
+        if self.threads:
+            self.loader.close()
         del self.iterator
 
 
-def measure_loader(location, form, path, workers, args, device, server_pid=None) -> dict:
-    loader = Loader(location, form, path, workers, args, device, SCREEN_FIELDS)
+def measure_loader(location, form, path, workers, args, device, server_pid=None, kind="processes") -> dict:
+    loader = Loader(location, form, path, workers, args, device, SCREEN_FIELDS, kind=kind)
     for _ in range(max(1, workers)):  # the first round: start-up, first shard, shuffle buffer
         loader.next()
     if device.type == "cuda":
@@ -258,7 +267,7 @@ def measure_loader(location, form, path, workers, args, device, server_pid=None)
         "cpu_ms": 1000 * (cpu_seconds(pids) - cpu0) / samples,
         "server_cpu_ms": 1000 * (cpu_seconds(server) - server0) / samples if server else None,
         "wire_mb": sum(s.bytes for s in loader.manifest.shards) / max(1, loader.manifest.num_samples) / 1e6,
-        "rss_mb": _peak_rss_mb(pids[1:]),
+        "rss_mb": _peak_rss_mb(pids[1:] or pids),  # threads: the whole (training) process
         "samples": samples,
     }
     loader.close()
@@ -351,11 +360,15 @@ def train_rows(locations, args, device) -> list[str]:
         rows.append(f"| {'on' if screen else 'off'} | ceiling: one batch kept on the GPU | - | "
                     f"{ceiling['samples_per_s']:.0f} | 1.00 | {ceiling['busy']:.2f} |")  # fmt: skip
         print(rows[-1], flush=True)
-        for form, path, workers in itertools.product(args.forms, args.paths, args.train_workers):
+        for form, path, kind, workers in itertools.product(
+            args.forms, args.paths, args.loaders, args.train_workers
+        ):
             source = "http" if (form, "http") in locations else "local"
-            label = f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, {workers} workers"
+            label = f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, {workers} {kind}"
             try:
-                stream = Loader(locations[(form, source)], form, path, workers, args, device, fields)
+                stream = Loader(
+                    locations[(form, source)], form, path, workers, args, device, fields, kind=kind
+                )
                 result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
                 stream.close()
             except (RuntimeError, OSError) as error:  # e.g. a worker killed: /dev/shm or RAM too small
@@ -417,6 +430,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="least time per loader measurement")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
     parser.add_argument(
+        "--loaders",
+        default="processes",
+        help="processes (DataLoader workers) and/or threads (trainer.feeder.ThreadedBatches), e.g. processes,threads",
+    )
+    parser.add_argument(
         "--train-workers",
         default=None,
         help="DataLoader worker counts of the streaming trainer rows, e.g. 12,16 (default: the most of --workers)",
@@ -444,6 +462,9 @@ def main() -> int:
     args.train_workers = (
         [int(n) for n in args.train_workers.split(",")] if args.train_workers else [max(args.workers)]
     )
+    args.loaders = [kind for kind in args.loaders.split(",") if kind]
+    if unknown := set(args.loaders) - {"processes", "threads"}:
+        parser.error(f"--loaders {','.join(sorted(unknown))}: expected processes and/or threads")
     args.forms = [form for form in args.forms.split(",") if form]
     args.paths = [path for path in args.paths.split(",") if path]
     parts = set(
@@ -508,15 +529,16 @@ def main() -> int:
             for form in args.forms:
                 for path in args.paths:
                     for source in sources:
-                        for workers in args.workers:
+                        for kind, workers in itertools.product(args.loaders, args.workers):
                             try:
                                 result = measure_loader(locations[(form, source)], form, path, workers, args,
-                                                        device, servers.get(form) if source == "http" else None)  # fmt: skip
+                                                        device, servers.get(form) if source == "http" else None,
+                                                        kind)  # fmt: skip
                             except (
                                 RuntimeError,
                                 OSError,
                             ) as error:  # a worker killed: /dev/shm or RAM too small
-                                lines.append(f"| {form} | {path} | {source} | {workers} | failed: "
+                                lines.append(f"| {form} | {path} | {source} | {workers} {kind} | failed: "
                                              f"{str(error)[:160]} | | | | |")  # fmt: skip
                                 print(lines[-1], flush=True)
                                 continue
@@ -526,7 +548,7 @@ def main() -> int:
                                 else "-"
                             )
                             lines.append(
-                                f"| {form} | {'GPU' if path == 'device' else 'CPU'} | {source} | {workers} | "
+                                f"| {form} | {'GPU' if path == 'device' else 'CPU'} | {source} | {workers} {kind} | "
                                 f"{result['samples_per_s']:.1f} | {result['cpu_ms']:.0f} | {server_ms} | "
                                 f"{result['wire_mb']:.2f} | {result['rss_mb']:.0f} |"
                             )

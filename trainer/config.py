@@ -53,6 +53,7 @@ class TrainConfig:
     compile: str = ""
     bf16: bool = False
     gpu_normalise: bool = False
+    loader: str = "processes"
     image_every: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -76,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be positive")
         if self.n_worker < 0:
             raise ValueError(f"--n_worker {self.n_worker}: must be 0 or more")
+        if self.loader not in ("processes", "threads"):
+            raise ValueError(f"--loader {self.loader!r}: expected processes or threads")
         if self.lr <= 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
         for name in ("lambda_verts", "lambda_tex", "lambda_screen", "lambda_kl"):
@@ -160,6 +163,8 @@ _HELP = {
     "gpu_normalise": "data workers return the stored uint8 images; flip, mask, normalise and resize run on the "
     "training device (trainer.gpu_decode), giving the same fields with less CPU per sample",
     "bf16": "bfloat16 autocast of the training forward (CUDA only; evaluation stays fp32)",
+    "loader": "how the --n_worker data workers run: 'processes' (DataLoader workers) or 'threads' (decoding "
+    "threads collating into pinned memory, trainer.feeder; faster with --gpu_normalise, BENCHMARKS.md)",
 }
 
 

@@ -8,9 +8,11 @@ complete and atomic; images are written without crashing when the screen loss is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from trainer import checkpointing
 from trainer.config import TrainConfig
 from trainer.data import ShardSource, ShardStream, Split, select_shards
 from trainer.distributed import DistEnv, agree_any, all_reduce_mean, barrier
+from trainer.feeder import ThreadedBatches
 from trainer.gpu_decode import TextureStatistics, finish_on_device
 from trainer.images import grid
 from trainer.models import build_model, load_weights
@@ -129,7 +132,7 @@ class Trainer:
             self.result_path.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(self.result_path / "tensorboard"))
 
-    def _loader(self, part: str, batch_size: int, start_epoch: int) -> torch.utils.data.DataLoader:
+    def _loader(self, part: str, batch_size: int, start_epoch: int) -> Iterable[dict]:
         shards, count = (
             (self.train_shards, self.num_train) if part == "train" else (self.test_shards, self.num_test)
         )
@@ -149,11 +152,14 @@ class Trainer:
             device_finish=self.config.gpu_normalise,
         )
         workers = self.config.n_worker
+        pin = self.env.device.type == "cuda"
+        if self.config.loader == "threads" and workers > 0:
+            return ThreadedBatches(stream, batch_size, workers, prefetch=2, pin_memory=pin)
         return torch.utils.data.DataLoader(
             stream,
             batch_size=batch_size,
             num_workers=workers,
-            pin_memory=self.env.device.type == "cuda",
+            pin_memory=pin,
             persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
         )
@@ -227,8 +233,9 @@ class Trainer:
             return {}
         self.model.eval()
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
-        batches = iter(self._loader("test", self.config.val_batch_size, self.epoch))
-        with torch.no_grad(), self.speed.eval_precision():
+        loader = self._loader("test", self.config.val_batch_size, self.epoch)
+        batches = iter(loader)
+        with torch.no_grad(), self.speed.eval_precision(), contextlib.closing(_Closable(loader)):
             for _ in range(self.config.val_num):
                 batch = self._batch(next(batches))
                 losses, _ = run_net(
@@ -258,7 +265,8 @@ class Trainer:
                 f"test: {self.num_test} samples in {len(self.test_shards)} shards; "
                 f"{self.steps_per_epoch} steps per epoch on {env.world_size} rank(s), device {env.device}"
             )
-        batches = iter(self._loader("train", config.train_batch_size, self.epoch))
+        train_loader = self._loader("train", config.train_batch_size, self.epoch)
+        batches = iter(train_loader)
         previous = {name: math.inf for name in ("total_loss", "vert_loss", "kl")}
         window: dict[str, float] = {}
         bar = tqdm(
@@ -321,6 +329,7 @@ class Trainer:
                     bar.write(format_losses(f"val  {self.step}", validation))
                 self.save(best=improved)
         bar.close()
+        _Closable(train_loader).close()
         # Shards refused for a failed sha256 are reported by the data workers on stderr.
         print(f"rank {env.rank}: {self.step} steps, {self.skipped} skipped batches", flush=True)
         if env.is_main:
@@ -329,6 +338,17 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         return window
+
+
+class _Closable:
+    """``close()`` for either loader: stops ThreadedBatches' threads; a DataLoader needs nothing."""
+
+    def __init__(self, loader: Iterable[dict]):
+        self.loader = loader
+
+    def close(self) -> None:
+        if isinstance(self.loader, ThreadedBatches):
+            self.loader.close()
 
 
 def format_losses(title: str, values: dict[str, float]) -> str:

@@ -175,7 +175,8 @@ def run_with_service(folder: str, shard_root: Path, tmp_path: Path) -> None:
 
 
 def test_tampered_shard_is_refused(shard_root, tmp_path):
-    """Pins that a shard whose sha256 differs from the manifest is refused and reported, never trained on."""
+    """Pins that a shard whose sha256 differs from the manifest is refused and reported, never
+    trained on (with decoding threads, --loader threads: the refusal is reported from a thread)."""
     source = next((shard_root / "shards").iterdir())
     copy = tmp_path / "shards" / source.name
     copy.parent.mkdir()
@@ -196,6 +197,8 @@ def test_tampered_shard_is_refused(shard_root, tmp_path):
                 "4",
                 "--val_every",
                 "4",
+                "--loader",
+                "threads",
                 nproc=1,
             )
         )
