@@ -212,12 +212,11 @@ class Loader:
         stream = ShardStream(source, shards, count, split, "train", 0, 1, tex_size, fields, seed=0,
                              shuffle_buffer=args.shuffle_buffer, device_finish=path == "device")  # fmt: skip
         self.stats = TextureStatistics.build(source.metadata(), device) if path == "device" else None
-        self.threads = kind == "threads" and workers > 0
-        if self.threads:
-            from trainer.feeder import ThreadedBatches
+        self.ring = kind == "ring" and workers > 0
+        if self.ring:
+            from trainer.feeder import RingBatches
 
-            self.loader = ThreadedBatches(stream, args.batch, workers, prefetch=args.prefetch,
-                                          pin_memory=device.type == "cuda")  # fmt: skip
+            self.loader = RingBatches(stream, args.batch, workers, device, prefetch=args.prefetch)
         else:
             self.loader = torch.utils.data.DataLoader(
                 stream, batch_size=args.batch, num_workers=workers, pin_memory=device.type == "cuda",
@@ -237,10 +236,11 @@ class Loader:
         return batch
 
     def pids(self) -> list[int]:
-        return [os.getpid()] + [worker.pid for worker in getattr(self.iterator, "_workers", [])]
+        inner = self.loader._iterator if self.ring else self.iterator
+        return [os.getpid()] + [worker.pid for worker in getattr(inner, "_workers", [])]
 
     def close(self) -> None:
-        if self.threads:
+        if self.ring:
             self.loader.close()
         del self.iterator
 
@@ -267,7 +267,7 @@ def measure_loader(location, form, path, workers, args, device, server_pid=None,
         "cpu_ms": 1000 * (cpu_seconds(pids) - cpu0) / samples,
         "server_cpu_ms": 1000 * (cpu_seconds(server) - server0) / samples if server else None,
         "wire_mb": sum(s.bytes for s in loader.manifest.shards) / max(1, loader.manifest.num_samples) / 1e6,
-        "rss_mb": _peak_rss_mb(pids[1:] or pids),  # threads: the whole (training) process
+        "rss_mb": _peak_rss_mb(pids[1:]),
         "samples": samples,
     }
     loader.close()
@@ -432,7 +432,7 @@ def main() -> int:
     parser.add_argument(
         "--loaders",
         default="processes",
-        help="processes (DataLoader workers) and/or threads (trainer.feeder.ThreadedBatches), e.g. processes,threads",
+        help="processes (DataLoader, pin_memory) and/or ring (trainer.feeder.RingBatches), e.g. processes,ring",
     )
     parser.add_argument(
         "--train-workers",
@@ -463,8 +463,8 @@ def main() -> int:
         [int(n) for n in args.train_workers.split(",")] if args.train_workers else [max(args.workers)]
     )
     args.loaders = [kind for kind in args.loaders.split(",") if kind]
-    if unknown := set(args.loaders) - {"processes", "threads"}:
-        parser.error(f"--loaders {','.join(sorted(unknown))}: expected processes and/or threads")
+    if unknown := set(args.loaders) - {"processes", "ring"}:
+        parser.error(f"--loaders {','.join(sorted(unknown))}: expected processes and/or ring")
     args.forms = [form for form in args.forms.split(",") if form]
     args.paths = [path for path in args.paths.split(",") if path]
     parts = set(

@@ -11,8 +11,14 @@ import argparse
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ARCHS = ("base", "res", "warp", "non", "bilinear")
+LOADERS = ("auto", "processes", "ring")
+"""``--loader`` choices (:mod:`trainer.feeder`)."""
 
 
 @dataclass
@@ -53,7 +59,7 @@ class TrainConfig:
     compile: str = ""
     bf16: bool = False
     gpu_normalise: bool = False
-    loader: str = "processes"
+    loader: str = "auto"
     image_every: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -77,8 +83,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be positive")
         if self.n_worker < 0:
             raise ValueError(f"--n_worker {self.n_worker}: must be 0 or more")
-        if self.loader not in ("processes", "threads"):
-            raise ValueError(f"--loader {self.loader!r}: expected processes or threads")
+        if self.loader not in LOADERS:
+            raise ValueError(f"--loader {self.loader!r}: expected one of {', '.join(LOADERS)}")
         if self.lr <= 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
         for name in ("lambda_verts", "lambda_tex", "lambda_screen", "lambda_kl"):
@@ -105,6 +111,12 @@ class TrainConfig:
             )
         if self.antialias and self.lambda_screen == 0:
             warnings.warn("--antialias has no effect with --lambda_screen 0", stacklevel=2)
+
+    def loader_kind(self, device: torch.device) -> str:
+        """``ring`` or ``processes``: what ``--loader auto`` means on ``device`` (ring on CUDA)."""
+        if self.loader == "auto":
+            return "ring" if device.type == "cuda" else "processes"
+        return self.loader
 
     @property
     def screen_loss(self) -> bool:
@@ -163,8 +175,9 @@ _HELP = {
     "gpu_normalise": "data workers return the stored uint8 images; flip, mask, normalise and resize run on the "
     "training device (trainer.gpu_decode), giving the same fields with less CPU per sample",
     "bf16": "bfloat16 autocast of the training forward (CUDA only; evaluation stays fp32)",
-    "loader": "how the --n_worker data workers run: 'processes' (DataLoader workers) or 'threads' (decoding "
-    "threads collating into pinned memory, trainer.feeder; faster with --gpu_normalise, BENCHMARKS.md)",
+    "loader": "how training batches reach the device: 'processes' (DataLoader workers, pin_memory) or 'ring' "
+    "(the same workers write into shared page-locked buffers, trainer.feeder; 4-6x the batch transfer rate on an "
+    "H200 host, BENCHMARKS.md); 'auto' is ring on CUDA. The ring keeps prefetch+2 batches per worker in /dev/shm",
 }
 
 

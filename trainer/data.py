@@ -12,7 +12,6 @@ manifest and every rank runs the same number of steps with any shard count.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import random
@@ -231,25 +230,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.device_finish = device_finish
         self._needed = members_needed(self.fields)
         self._meta: EntityMetadata | None = None
-        self._worker: tuple[int, int] | None = None  # set by for_worker
         self.refused: list[str] = []
 
-    def for_worker(self, worker: int, num_workers: int) -> ShardStream:
-        """A copy that reads worker slot ``worker`` of ``num_workers`` of this rank, as the
-        DataLoader worker with that id would (for decoding threads, :mod:`trainer.feeder`)."""
-        if not 0 <= worker < num_workers:
-            raise ValueError(f"worker {worker} of {num_workers}: expected 0 <= worker < num_workers")
-        clone = copy.copy(self)
-        clone._worker = (worker, num_workers)
-        clone.refused = []
-        return clone
-
     def _slot(self) -> tuple[int, int]:
-        if self._worker is not None:
-            worker, workers = self._worker
-        else:
-            info = torch.utils.data.get_worker_info()
-            workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
     def _verified_streams(self, epoch: int) -> Iterator[dict]:

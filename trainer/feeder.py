@@ -1,34 +1,40 @@
-"""Batches from a :class:`trainer.data.ShardStream` decoded on threads and collated straight
-into pinned host memory: the ``--loader threads`` alternative to DataLoader worker processes.
+"""Batches from DataLoader worker processes through a shared, page-locked ring: ``--loader ring``.
 
-Why threads: the work of a sample (HTTP reads, sha256, zstd, the GPU path's uint8 images) runs
-in C with the GIL released, so threads decode in parallel, and a batch never crosses a process
-boundary. With worker processes every batch is written to fresh shared memory by a worker,
-then page-faulted into the training process and copied once more into pinned memory by its
-single pin-memory thread; for the screen-loss fields that is about 230 MB per batch of 16 on
-one core of the training process, which caps the loader below what the workers decode
-(``bench/bench_input.py``). Here each thread copies its samples once, into a pinned batch
-buffer that the CUDA caching host allocator reuses.
+Why: with a plain ``DataLoader(pin_memory=True)`` every batch a worker makes is written to fresh
+shared memory, then page-faulted into the training process and copied once more into pinned
+memory by that process's single pin-memory thread. For the screen-loss fields (a 2048 x 1334
+photo and two 1024 textures per sample) that is about 230 MB per batch of 16 on one core, and
+on an H200 host it capped the loader at 155-200 samples/s with no decoding at all, the training
+process at 100% CPU (``bench/bench_input.py``; the same transfer through the ring: 850-1070).
 
-Semantics match ``DataLoader(stream, batch_size, num_workers=threads)``: thread ``i`` reads the
-stream's worker slot ``i`` of ``threads`` and fills whole batches from it, and batches come out
-round-robin across threads, so a run sees the same samples in the same order as with that many
-worker processes. An exception in a thread is raised in the consumer with its traceback.
+How: each worker owns ``slots`` batch buffers per array field, in shared memory it allocates
+once. It decodes a batch straight into its next slot and sends only the slot number and the
+small non-array fields. The training process maps each worker's buffers once (the first message
+carries them), page-locks them with ``cudaHostRegister`` and copies a slot to the GPU with one
+non-blocking copy per field. No per-batch page faults, no second host copy.
 
-Typical use::
+Slot reuse is safe by construction: DataLoader hands a worker a new task each time the
+training process receives one of its batches, tasks are dispatched and received round-robin
+across workers, and a worker has ``prefetch + 2`` slots. So the slot a worker may overwrite next
+belongs to a batch received at least ``num_workers`` receipts earlier; the consumer waits for
+the copy events of batches that old before asking for the next one (in steady state those
+copies finished long ago, so this never stalls).
 
-    batches = ThreadedBatches(stream, batch_size=16, threads=12, pin_memory=True)
-    for batch in batches:          # endless, like the stream
-        batch = to_device(batch, device)
+The batches equal ``DataLoader(stream, batch_size, num_workers)``'s: the same samples in the same
+order (each worker fills whole batches from its own slot of the stream), collated alike.
+
+Typical use (training only; validation keeps a plain DataLoader)::
+
+    batches = RingBatches(stream, batch_size=16, workers=12, device=torch.device("cuda"))
+    for batch in batches:      # array fields already on the device
+        ...
     batches.close()
 """
 
 from __future__ import annotations
 
-import numbers
-import queue
-import threading
-from collections.abc import Iterator, Sequence
+import collections
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,120 +42,133 @@ import torch
 
 from trainer.data import ShardStream
 
-_POLL_SECONDS = 0.2
+
+class _RingWriter(torch.utils.data.IterableDataset):
+    """Runs in each worker: batches of the worker's samples, array fields written into its slots."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, slots: int):
+        super().__init__()
+        self.stream = stream
+        self.batch_size = batch_size
+        self.slots = slots
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rings: dict[str, torch.Tensor] | None = None
+        count = 0
+        samples: list[dict] = []
+        for sample in self.stream:
+            samples.append(sample)
+            if len(samples) < self.batch_size:
+                continue
+            if rings is None:
+                rings = {
+                    name: torch.empty(
+                        (self.slots, self.batch_size, *value.shape), dtype=torch.from_numpy(value[:0]).dtype
+                    ).share_memory_()
+                    for name, value in samples[0].items()
+                    if isinstance(value, np.ndarray)
+                }
+            slot = count % self.slots
+            in_ring = {
+                name
+                for name, ring in rings.items()
+                if all(sample[name].shape == ring.shape[2:] for sample in samples)
+            }
+            for name in in_ring:
+                for index, sample in enumerate(samples):
+                    rings[name][slot, index].copy_(torch.from_numpy(np.ascontiguousarray(sample[name])))
+            # Everything else (strings, numbers, an array whose shape differs) goes the usual way.
+            rest = torch.utils.data.default_collate(
+                [{name: value for name, value in sample.items() if name not in in_ring} for sample in samples]
+            )
+            message: dict[str, Any] = {
+                "worker": worker,
+                "slot": slot,
+                "fields": sorted(in_ring),
+                "rest": rest,
+            }
+            if count == 0:
+                message["rings"] = rings  # mapped once by the consumer
+            yield message
+            count += 1
+            samples = []
 
 
-class _Failed:
-    """A thread's exception, passed through its queue to the consumer."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def collate(samples: Sequence[dict], pin_memory: bool = False) -> dict[str, Any]:
-    """Stack samples like ``torch.utils.data.default_collate``, each array copied once into its
-    (optionally pinned) batch tensor: arrays -> (N, ...) tensors, numbers -> (N,) tensors, strings
-    -> lists."""
-    first = samples[0]
-    batch: dict[str, Any] = {}
-    for name, value in first.items():
-        values = [sample[name] for sample in samples]
-        if isinstance(value, np.ndarray):
-            array = np.asarray(value)
-            out = torch.empty((len(values), *array.shape), dtype=torch.from_numpy(array[:0]).dtype,
-                              pin_memory=pin_memory)  # fmt: skip
-            for index, item in enumerate(values):
-                out[index].copy_(torch.as_tensor(np.ascontiguousarray(item)))
-            batch[name] = out
-        elif isinstance(value, str):
-            batch[name] = list(values)
-        elif isinstance(value, numbers.Number):
-            batch[name] = torch.tensor(values)
-        else:
-            batch[name] = torch.utils.data.default_collate(values)
-    return batch
-
-
-class ThreadedBatches:
-    """Endless batches of ``stream`` from ``threads`` decoding threads (see the module docstring).
+class RingBatches:
+    """Endless batches of ``stream`` decoded by ``workers`` processes, array fields on ``device``.
 
     Args:
         stream: the rank's sample stream.
         batch_size: samples per batch.
-        threads: decoding threads (the stream's worker slots), at least 1.
-        prefetch: batches each thread may hold ready.
-        pin_memory: collate into pinned host memory (for non-blocking copies to a GPU).
+        workers: DataLoader worker processes, at least 1.
+        device: where array fields are delivered (CUDA: page-locked ring, non-blocking copies;
+            CPU: copied out of the ring).
+        prefetch: batches each worker may have ready (DataLoader's ``prefetch_factor``).
     """
 
     def __init__(
-        self, stream: ShardStream, batch_size: int, threads: int, prefetch: int = 2, pin_memory: bool = False
+        self, stream: ShardStream, batch_size: int, workers: int, device: torch.device, prefetch: int = 2
     ):
-        if threads < 1:
-            raise ValueError(f"threads {threads}: use 1 or more")
-        self.batch_size = batch_size
-        self.pin_memory = pin_memory
-        self._stop = threading.Event()
-        self._queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, prefetch)) for _ in range(threads)]
-        self._threads = [
-            threading.Thread(
-                target=self._fill,
-                args=(stream.for_worker(index, threads), self._queues[index]),
-                name=f"shard-decoder-{index}",
-                daemon=True,
-            )  # fmt: skip
-            for index in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        if workers < 1:
+            raise ValueError(f"workers {workers}: the ring needs worker processes (1 or more)")
+        self.device = device
+        self.workers = workers
+        self._cuda = device.type == "cuda"
+        self._loader = torch.utils.data.DataLoader(
+            _RingWriter(stream, batch_size, slots=prefetch + 2),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=prefetch,
+            pin_memory=False,
+        )
+        self._rings: dict[int, dict[str, torch.Tensor]] = {}
+        self._registered: list[torch.Tensor] = []
+        self._iterator: Iterator | None = None
 
-    def _put(self, target: queue.Queue, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                target.put(item, timeout=_POLL_SECONDS)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self, stream: ShardStream, target: queue.Queue) -> None:
-        try:
-            samples: list[dict] = []
-            for sample in stream:
-                if self._stop.is_set():
-                    return
-                samples.append(sample)
-                if len(samples) == self.batch_size:
-                    if not self._put(target, collate(samples, self.pin_memory)):
-                        return
-                    samples = []
-        except BaseException as error:  # handed to the consumer, which raises it
-            self._put(target, _Failed(error))
+    def _map(self, worker: int, rings: dict[str, torch.Tensor]) -> None:
+        if self._cuda:
+            cudart = torch.cuda.cudart()
+            for ring in rings.values():
+                status = cudart.cudaHostRegister(ring.data_ptr(), ring.numel() * ring.element_size(), 0)
+                if int(status) != 0:
+                    raise RuntimeError(
+                        f"cudaHostRegister of a {ring.numel() * ring.element_size() >> 20} MiB batch ring failed "
+                        f"({status}); use --loader processes"
+                    )
+                self._registered.append(ring)
+        self._rings[worker] = rings
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        index = 0
+        self._iterator = iter(self._loader)
+        copies: collections.deque = collections.deque()
         while True:
-            source = self._queues[index]
-            while True:
-                try:
-                    item = source.get(timeout=_POLL_SECONDS)
-                    break
-                except queue.Empty:
-                    if not self._threads[index].is_alive() and source.empty():
-                        raise RuntimeError(
-                            f"{self._threads[index].name} stopped without a batch or an error"
-                        ) from None
-            if isinstance(item, _Failed):
-                self.close()
-                raise item.error
-            yield item
-            index = (index + 1) % len(self._queues)
+            # The next message lets a worker overwrite the slot of a batch received `workers`
+            # receipts ago (module docstring): its copies must be finished.
+            while len(copies) > self.workers:
+                copies.popleft().synchronize()
+            message = next(self._iterator)
+            if "rings" in message:
+                self._map(message["worker"], message["rings"])
+            rings = self._rings[message["worker"]]
+            batch = dict(message["rest"])
+            for name in message["fields"]:
+                source = rings[name][message["slot"]]
+                batch[name] = source.to(self.device, non_blocking=True) if self._cuda else source.clone()
+            if self._cuda:
+                event = torch.cuda.Event()
+                event.record()
+                copies.append(event)
+            yield batch
 
     def close(self) -> None:
-        """Stop the threads (each finishes the sample it is decoding) and drop ready batches."""
-        self._stop.set()
-        for target in self._queues:
-            while not target.empty():
-                target.get_nowait()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=30)
+        """Stop the workers and unpin their buffers."""
+        if self._cuda and self._registered:
+            torch.cuda.synchronize(self.device)
+            cudart = torch.cuda.cudart()
+            for ring in self._registered:
+                cudart.cudaHostUnregister(ring.data_ptr())
+        self._registered.clear()
+        self._rings.clear()
+        self._iterator = None

@@ -25,7 +25,7 @@ from trainer import checkpointing
 from trainer.config import TrainConfig
 from trainer.data import ShardSource, ShardStream, Split, select_shards
 from trainer.distributed import DistEnv, agree_any, all_reduce_mean, barrier
-from trainer.feeder import ThreadedBatches
+from trainer.feeder import RingBatches
 from trainer.gpu_decode import TextureStatistics, finish_on_device
 from trainer.images import grid
 from trainer.models import build_model, load_weights
@@ -153,8 +153,8 @@ class Trainer:
         )
         workers = self.config.n_worker
         pin = self.env.device.type == "cuda"
-        if self.config.loader == "threads" and workers > 0:
-            return ThreadedBatches(stream, batch_size, workers, prefetch=2, pin_memory=pin)
+        if part == "train" and workers > 0 and self.config.loader_kind(self.env.device) == "ring":
+            return RingBatches(stream, batch_size, workers, self.env.device, prefetch=2)
         return torch.utils.data.DataLoader(
             stream,
             batch_size=batch_size,
@@ -341,13 +341,13 @@ class Trainer:
 
 
 class _Closable:
-    """``close()`` for either loader: stops ThreadedBatches' threads; a DataLoader needs nothing."""
+    """``close()`` for either loader: unpins RingBatches' buffers; a DataLoader needs nothing."""
 
     def __init__(self, loader: Iterable[dict]):
         self.loader = loader
 
     def close(self) -> None:
-        if isinstance(self.loader, ThreadedBatches):
+        if isinstance(self.loader, RingBatches):
             self.loader.close()
 
 

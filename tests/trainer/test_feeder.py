@@ -1,5 +1,5 @@
-"""Decoding threads (``--loader threads``) give what DataLoader worker processes give: the same
-batches in the same order, every field equal; errors reach the consumer; close stops the threads."""
+"""The batch ring (``--loader ring``) gives what a plain DataLoader gives: the same batches in the
+same order, every field equal, with worker processes writing into their reused slots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from shards.decode import ALL_FIELDS
 from shards.ingest import ingest
 from trainer.data import ShardSource, ShardStream, Split, select_shards
-from trainer.feeder import ThreadedBatches, collate
+from trainer.feeder import RingBatches
 
 TEX = 64  # the small entity's texture side (tests/conftest.py)
 
@@ -41,58 +41,32 @@ def _assert_same(first: dict, second: dict) -> None:
 
 
 @pytest.mark.parametrize("device_finish", [False, True])
-def test_threads_give_the_batches_worker_processes_give(shard_folder, device_finish):
-    """Pins the loader equivalence: ThreadedBatches(threads=3) yields the batches of
-    DataLoader(num_workers=3) in the same order with every field bit-equal, across an epoch."""
+def test_ring_gives_the_batches_a_dataloader_gives(shard_folder, device_finish):
+    """Pins the loader equivalence over more batches than a worker has slots (so every slot is
+    reused): RingBatches(workers=2) yields DataLoader(num_workers=2)'s batches in the same order,
+    every field bit-equal, and earlier batches are not overwritten by later ones."""
     stream = _stream(shard_folder, device_finish)
-    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=3)
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2)
     expected = []
     for batch in loader:
         expected.append(batch)
-        if len(expected) == 9:
+        if len(expected) == 14:  # 7 per worker, slots per worker: prefetch 2 + 2
             break
-    threaded = ThreadedBatches(stream, batch_size=2, threads=3)
+    ring = RingBatches(stream, batch_size=2, workers=2, device=torch.device("cpu"))
+    received = []
     try:
-        for want, got in zip(expected, threaded, strict=False):
-            _assert_same(want, got)
+        for batch in ring:
+            received.append(batch)
+            if len(received) == len(expected):
+                break
     finally:
-        threaded.close()
-    assert not any(thread.is_alive() for thread in threaded._threads)
+        ring.close()
+    for want, got in zip(expected, received, strict=True):
+        _assert_same(want, got)
 
 
-def test_collate_matches_default_collate_and_pins_on_request(shard_folder):
-    """Pins the one-copy collate against torch's default_collate, field by field."""
-    stream = _stream(shard_folder, device_finish=True)
-    samples = []
-    for sample in stream:
-        samples.append(sample)
-        if len(samples) == 3:
-            break
-    _assert_same(torch.utils.data.default_collate(samples), collate(samples))
-    if torch.cuda.is_available():
-        assert collate(samples, pin_memory=True)["photo"].is_pinned()
-
-
-def test_a_thread_error_reaches_the_consumer(shard_folder, tmp_path):
-    """Pins error propagation: a shard that fails its sha256 on every slot ends in the
-    consumer's RuntimeError naming the cause, and no decoding thread is left running."""
-    import shutil
-
-    folder = tmp_path / shard_folder.name
-    shutil.copytree(shard_folder, folder)
-    for path in (folder / "shards").glob("*.tar"):
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
-    threaded = ThreadedBatches(_stream(folder, device_finish=True), batch_size=2, threads=2)
-    with pytest.raises(RuntimeError, match="no usable sample"):
-        next(iter(threaded))
-    threaded.close()
-    assert not any(thread.is_alive() for thread in threaded._threads)
-
-
-def test_worker_slots_are_checked(shard_folder):
-    with pytest.raises(ValueError, match="worker 3 of 3"):
-        _stream(shard_folder, device_finish=False).for_worker(3, 3)
-    with pytest.raises(ValueError, match="threads 0"):
-        ThreadedBatches(_stream(shard_folder, device_finish=False), batch_size=2, threads=0)
+def test_ring_needs_workers(shard_folder):
+    with pytest.raises(ValueError, match="workers 0"):
+        RingBatches(
+            _stream(shard_folder, device_finish=False), batch_size=2, workers=0, device=torch.device("cpu")
+        )

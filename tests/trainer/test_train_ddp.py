@@ -176,7 +176,7 @@ def run_with_service(folder: str, shard_root: Path, tmp_path: Path) -> None:
 
 def test_tampered_shard_is_refused(shard_root, tmp_path):
     """Pins that a shard whose sha256 differs from the manifest is refused and reported, never
-    trained on (with decoding threads, --loader threads: the refusal is reported from a thread)."""
+    trained on (through the batch ring, --loader ring, which CUDA runs use by default)."""
     source = next((shard_root / "shards").iterdir())
     copy = tmp_path / "shards" / source.name
     copy.parent.mkdir()
@@ -198,7 +198,7 @@ def test_tampered_shard_is_refused(shard_root, tmp_path):
                 "--val_every",
                 "4",
                 "--loader",
-                "threads",
+                "ring",
                 nproc=1,
             )
         )
