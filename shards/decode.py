@@ -126,7 +126,9 @@ class EntityMetadata:
         return cls.from_files({path.name: path.read_bytes() for path in meta.iterdir() if path.is_file()})
 
 
-def stored_image(sample: Mapping[str, object], name: str, keep_row_filter: bool = False) -> np.ndarray:
+def stored_image(
+    sample: Mapping[str, object], name: str, keep_row_filter: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """The stored pixels of image ``name`` (``photo``, ``tex``, ``avg_tex``) in either form.
 
     Args:
@@ -134,15 +136,17 @@ def stored_image(sample: Mapping[str, object], name: str, keep_row_filter: bool 
         name: the image.
         keep_row_filter: leave a ``delta-zstd`` image row-filtered (see
             :func:`shards.codecs.decompress_dzst`); PNG images are pixels either way.
+        out: an (H, W, 3) uint8 array to write the image into if its shape is the image's.
 
     Returns:
-        (H, W, 3) uint8, as stored (textures not flipped).
+        (H, W, 3) uint8, as stored (textures not flipped): ``out`` when it was used.
     """
     key = str(sample.get("__key__", "sample"))
     for extension in EXTENSIONS.values():
         member = f"{name}.{extension}"
         if member in sample:
-            return decode_image(_member(sample, member, key), extension, f"{key}.{member}", keep_row_filter)
+            data = _member(sample, member, key)
+            return decode_image(data, extension, f"{key}.{member}", keep_row_filter, out)
     forms = " or ".join(f"{name}.{extension}" for extension in EXTENSIONS.values())
     raise FormatError(f"{key}.{name}", f"a member {forms} of the sample")
 
@@ -216,6 +220,7 @@ def decode_stored(
     meta: EntityMetadata,
     fields: Iterable[str] = ALL_FIELDS,
     keep_row_filter: bool = False,
+    out: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
     """Like :func:`decode_sample`, but images stay as stored, for normalising on the GPU.
 
@@ -227,13 +232,16 @@ def decode_stored(
     With ``keep_row_filter``, ``delta-zstd`` images are only decompressed, not unfiltered (the
     per-row adds are about half of their CPU decode time; the GPU does them for a whole batch
     at once), and the sample says which in :data:`ROW_FILTER_FIELD`.
+
+    ``out`` maps image names to arrays to decode into (a batch slot in shared memory,
+    ``trainer.feeder``); an image whose shape differs gets a new array instead.
     """
     fields = set(fields)
     images = fields & {"photo", "avg_tex"} | ({"tex"} if fields & {"tex", "mask"} else set())
-    out = _small_fields(sample, meta, fields)
+    decoded = _small_fields(sample, meta, fields)
     for name in sorted(images):
-        out[name] = stored_image(sample, name, keep_row_filter)
-    kept = {name: value for name, value in out.items() if name in fields | images}
+        decoded[name] = stored_image(sample, name, keep_row_filter, (out or {}).get(name))
+    kept = {name: value for name, value in decoded.items() if name in fields | images}
     if keep_row_filter and images:
         filtered = any(f"{name}.{EXTENSIONS['delta-zstd']}" in sample for name in images)
         kept[ROW_FILTER_FIELD] = "up" if filtered else "none"

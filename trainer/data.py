@@ -18,11 +18,12 @@ import random
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys
 
@@ -254,6 +255,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         return base.split(".", 1)[-1] in self._needed
 
     def __iter__(self) -> Iterator[dict]:
+        return map(self.decode, self.raw_samples())
+
+    def raw_samples(self) -> Iterator[dict]:
+        """The stream's samples in order, undecoded (their tar members); :meth:`decode` each."""
         if self._meta is None:
             self._meta = self.source.metadata()
         cameras = self.split.cameras(self.part)
@@ -276,7 +281,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 buffer.append(sample)
                 taken += 1
                 if len(buffer) >= buffer_size:
-                    yield self._decode(buffer.pop(rng.randrange(len(buffer))))
+                    yield buffer.pop(rng.randrange(len(buffer)))
             if taken == 0:
                 raise RuntimeError(
                     f"rank {self.rank}: no usable sample in a whole epoch of its shards "
@@ -284,8 +289,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                 )
             epoch += 1
 
-    def _decode(self, sample: dict) -> dict:
-        assert self._meta is not None
+    def decode(self, sample: dict, out: Mapping[str, np.ndarray] | None = None) -> dict:
+        """A raw sample's fields (``decode_sample``'s, or ``decode_stored``'s with ``device_finish``).
+
+        Args:
+            sample: from :meth:`raw_samples`.
+            out: with ``device_finish``, arrays to decode images into where shapes agree.
+        """
+        if self._meta is None:
+            self._meta = self.source.metadata()
         if self.device_finish:
-            return decode_stored(sample, self._meta, self.fields, keep_row_filter=True)
+            return decode_stored(sample, self._meta, self.fields, keep_row_filter=True, out=out)
         return decode_sample(sample, self._meta, self.tex_size, self.fields)

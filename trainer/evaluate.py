@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from shards.samples import SampleKey
 from trainer.config import TrainConfig
-from trainer.data import ShardSource, ShardStream, select_shards
+from trainer.data import ShardSource, ShardStream, select_shards, verified_members
 from trainer.distributed import DistEnv, agree_any, all_reduce_sum, init_distributed, is_distributed, shutdown
 from trainer.loop import build_split, fields_for
 from trainer.losses import texture_to_unit
@@ -171,9 +171,9 @@ class ShardPass(ShardStream):
             {"url": shard.name, "stream": self.source.open_verified(shard)}
             for shard in self.shards[slot::num_slots]
         )
-        for sample in group_by_keys(tar_file_expander(streams, select_files=self._keep_member)):
+        for sample in group_by_keys(verified_members(streams, self._keep_member)):
             if self._wanted(SampleKey.from_key(sample["__key__"])):
-                yield self._decode(sample)
+                yield self.decode(sample)
 
 
 def masked_psnr(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from shards.codecs import decode_dzst, decode_image, decode_png, encode_dzst
+from shards.codecs import decode_dzst, decode_image, decode_png, decompress_dzst, encode_dzst
 from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, decode_stored
 from shards.errors import FormatError
 from shards.ingest import ingest
@@ -61,6 +61,53 @@ def test_corrupt_member_raises_format_error_naming_it(where):
         del data[-20:]
     with pytest.raises(FormatError, match=r"E057/000001/400002\.photo\.dzst"):
         decode_dzst(bytes(data), "E057/000001/400002.photo.dzst")
+
+
+@pytest.mark.parametrize("where", ["payload", "checksum", "truncated", "extra"])
+def test_decoding_into_a_buffer_checks_like_the_plain_decoder(where):
+    """Pins the decode-into-``out`` path (batch slots in shared memory): corruption, a cut member
+    and bytes after the frame are refused with the member's name, never left as wrong pixels."""
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    data = bytearray(encode_dzst(pixels))
+    if where == "payload":
+        data[len(data) // 2] ^= 0x10
+    elif where == "checksum":
+        data[-1] ^= 0x01
+    elif where == "truncated":
+        del data[-20:]
+    else:
+        data += encode_dzst(pixels)[16:]  # a second frame
+    out = np.zeros_like(pixels)
+    with pytest.raises(FormatError, match=r"photo\.dzst"):
+        decompress_dzst(bytes(data), "photo.dzst", out)
+
+
+def test_decoding_into_a_buffer_gives_the_same_pixels():
+    """Pins that decoding into a caller's array equals decoding into fresh memory, row filter
+    kept or undone, PNG too, and that an array of another shape is left alone."""
+    pixels = np.random.default_rng(5).integers(0, 256, (41, 29, 3), dtype=np.uint8)
+    data = encode_dzst(pixels)
+    out = np.zeros_like(pixels)
+    assert decompress_dzst(data, "x", out) is out
+    np.testing.assert_array_equal(out, decompress_dzst(data, "x"))
+    out[:] = 0
+    assert decode_image(data, "dzst", "x", out=out) is out
+    np.testing.assert_array_equal(out, pixels)
+    wrong = np.zeros((40, 29, 3), dtype=np.uint8)
+    result = decode_image(data, "dzst", "x", out=wrong)
+    assert result is not wrong and not wrong.any()
+    np.testing.assert_array_equal(result, pixels)
+    png = decode_image(_png_bytes(pixels), "png", "x.png", out=out)
+    assert png is out
+    np.testing.assert_array_equal(out, pixels)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_wrong_pixel_count_is_refused():
