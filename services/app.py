@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from services import server
 from services.errors import install_error_handlers
-from services.jobs import JobRecord
+from services.jobs import KINDS, JobRecord
 from services.metrics import MetricsMiddleware, counter, gauge
 from services.routes import entities, files, jobs, operations, status_page
 from services.runtime import Runtime
@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Multiface Stream data service",
         version=API_VERSION,
         description="Serves published Multiface shards over HTTP (Range, ETag), reports raw completeness "
-        "and shard state, and runs ingest and verify jobs. Auth: optional Bearer tokens.",
+        "and shard state, and runs ingest, verify and release download jobs. Auth: optional Bearer tokens.",
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -57,11 +57,12 @@ def create_app_from_env() -> FastAPI:
 def _live_metrics(runtime: Runtime):
     running: list[JobRecord] = runtime.jobs.live()
     ingests = [job for job in running if job.kind == "ingest"]
+    downloads = [job for job in running if job.kind == "download"]
     yield gauge(
         "multiface_jobs_running",
         "Jobs this process runs, by kind",
         ["kind"],
-        [([kind], sum(job.kind == kind for job in running)) for kind in ("ingest", "verify")],
+        [([kind], sum(job.kind == kind for job in running)) for kind in KINDS],
     )
     for name, key, documentation in (
         ("multiface_ingest_samples_done", "samples_done", "Samples an ingest has handled"),
@@ -74,6 +75,18 @@ def _live_metrics(runtime: Runtime):
             documentation,
             ["entity", "job"],
             [([job.entity, job.id], job.progress[key]) for job in ingests],
+        )
+    for name, key, documentation in (
+        ("multiface_download_tars_done", "tars_done", "Selected release tars a download has extracted"),
+        ("multiface_download_tars_total", "tars_total", "Release tars a download's config selects"),
+        ("multiface_download_tars_failed", "tars_failed", "Release tars a download failed to extract"),
+        ("multiface_download_bytes_done", "bytes_done", "Release tar bytes a download has on disk"),
+    ):
+        yield gauge(
+            name,
+            documentation,
+            ["entity", "job"],
+            [([job.entity, job.id], job.progress[key]) for job in downloads],
         )
     yield counter(
         "multiface_header_timeouts",

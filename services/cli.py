@@ -1,6 +1,7 @@
 """``multiface serve``: run the data service.
 
     multiface serve --data-root DIR --shard-root DIR [--host H] [--port N] [--workers N]
+                    [--download-base-url URL] [--download-workers N]
 
 Every flag also reads ``MULTIFACE_<NAME>`` from the environment (a flag wins). Tokens are read
 from the environment only (``MULTIFACE_READ_TOKEN``, ``MULTIFACE_ADMIN_TOKEN``), never from flags,
@@ -20,9 +21,10 @@ from pydantic import ValidationError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve published shards over HTTP, report completeness, run ingest jobs",
+        help="serve published shards over HTTP, report completeness, run ingest and download jobs",
         description="Run the data service (FastAPI under uvicorn): shards, metadata and manifests with Range "
-        "and ETag; entity state and completeness; ingest and verify jobs; a status page at /; /metrics. "
+        "and ETag; entity state and completeness; ingest, verify and release download jobs; a status page at /; "
+        "/metrics. "
         "Set MULTIFACE_READ_TOKEN and MULTIFACE_ADMIN_TOKEN in the environment to require Bearer tokens.",
     )
     parser.add_argument(
@@ -49,6 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--header-timeout", type=float, help="seconds a client has to send its request headers (default 10)"
     )
+    parser.add_argument(
+        "--download-base-url",
+        metavar="URL",
+        help="release root for download jobs (POST /api/v1/downloads), e.g. the seed's S3 "
+        ".../MugsyDataRelease/v0.0/identities/; they write into the data root, which must then be "
+        "writable. Unset: download jobs are refused (MULTIFACE_DOWNLOAD_BASE_URL)",
+    )
+    parser.add_argument(
+        "--download-workers",
+        type=int,
+        metavar="N",
+        help="release tars one download job fetches at once (default 4; MULTIFACE_DOWNLOAD_WORKERS)",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -67,6 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
             "ingest_workers",
             "shard_size",
             "header_timeout",
+            "download_base_url",
+            "download_workers",
         )
         if getattr(args, name) is not None
     }

@@ -1,19 +1,26 @@
 """Domain errors of the data service and the one place that maps them to HTTP.
 
 Routes and the modules behind them raise these; :func:`install_error_handlers` turns each into
-a JSON body ``{"detail": ..., "error": <class name>}`` with its status. Nothing here is a 5xx:
-a request the service cannot answer is refused with a 4xx that says why.
+a JSON body ``{"detail": ..., "error": <class name>}`` with its status. A request the service
+cannot answer is refused with a 4xx that says why; the one 5xx is 507 Insufficient Storage, when
+the disk the service must write to (a job record, a download) is full: the request was fine,
+and it will succeed once space is freed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from http import HTTPStatus
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.download.errors import ConfigError
 
 logger = logging.getLogger("services.errors")
 
@@ -53,6 +60,44 @@ class JobConflict(ServiceError):
     def __init__(self, detail: str, running_job: str | None = None):
         super().__init__(detail)
         self.running_job = running_job
+
+
+class InsufficientStorage(ServiceError):
+    """The disk the service must write to is full (ENOSPC) or over quota (EDQUOT)."""
+
+    status = 507
+
+
+class NotWritable(ServiceError):
+    """A folder the service must write to refuses it (read-only mount, permissions).
+
+    409: the request is fine, the server's folders are in a state that conflicts with it.
+    """
+
+    status = 409
+
+
+def storage_error(error: OSError, folder: Path, action: str, retry: str) -> ServiceError:
+    """The refusal for an ``OSError`` raised while the service wrote under ``folder``.
+
+    Args:
+        error: what the write raised.
+        folder: the folder written to; named in the message.
+        action: what was being done, e.g. ``"cannot start the job: writing its record"``.
+        retry: what to do once the folder is fixed, e.g. ``"start the job again"``.
+
+    Returns:
+        :class:`InsufficientStorage` (507) for a full disk or quota, else :class:`NotWritable` (409).
+    """
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(
+            f"{action} in {folder} failed: {reason}; free space on that disk, then {retry}"
+        )
+    return NotWritable(
+        f"{action} in {folder} failed: {reason}; make it writable for the service (uid {os.getuid()}), "
+        f"then {retry}"
+    )
 
 
 class FileMismatch(ServiceError):
@@ -111,8 +156,18 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=error.headers,
         )
 
+    async def handle_config(request: Request, error: Exception) -> JSONResponse:
+        # A download config that is well formed but says nothing sensible (selects no tar): the
+        # same 422 body as FastAPI's own validation errors, naming the key at fault.
+        assert isinstance(error, ConfigError)
+        location = ["body", error.key] if error.key else ["body"]
+        return JSONResponse(
+            {"detail": [{"type": "value_error", "loc": location, "msg": str(error)}]}, status_code=422
+        )
+
     app.add_exception_handler(ServiceError, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)
+    app.add_exception_handler(ConfigError, handle_config)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:
@@ -135,6 +190,8 @@ _DESCRIPTIONS = {
     400: "malformed request body",
     401: "missing, malformed or wrong Bearer token",
     404: "unknown entity, job or unpublished file",
-    409: "a job runs on the entity, or the file on disk does not match the manifest",
+    409: "a job runs on the entity, the file on disk does not match the manifest, "
+    "or a folder the job writes to is not writable",
     416: "range not satisfiable (see Content-Range)",
+    507: "the disk the service writes job records or downloads to is full; free space and retry",
 }

@@ -1,46 +1,66 @@
-"""Ingest and verify jobs: one background thread each, state persisted as JSON under the shard root.
+"""Ingest, verify and download jobs: one background thread each, state persisted as JSON under the shard root.
 
-A job's record is ``<shard root>/.service/jobs/<job id>.json``, rewritten atomically when it
-starts, about once a second while it runs, and when it ends. One job at a time per entity: the
-runner holds ``flock`` on ``.service/locks/<entity>.lock`` for the job's life, so a second job is
-refused (409) in this process and in any other worker process, and a record still marked
-``running`` whose lock is free belongs to a process that died: it is reported ``interrupted``.
-Starting an ingest again resumes it (``shards.ingest`` keeps the shards already published).
+A job's record is ``<shard root>/.service/jobs/<job id>.json`` (see :mod:`services.job_records`),
+rewritten atomically when it starts, about once a second while it runs, and when it ends. One
+job at a time per entity: the runner holds ``flock`` on ``.service/locks/<entity>.lock`` (a
+download: ``locks/download/<entity id>.lock`` per entity of its config) for the job's life, so a
+second job is refused (409) in this process and in any other worker process, and a record still
+marked ``running`` whose locks are free belongs to a process that died: it is reported
+``interrupted``. Starting an ingest again resumes it (``shards.ingest`` keeps the shards already
+published); starting a download again resumes its ``.part`` files and skips extracted tars. An
+ingest or verify is refused while a download of the same entity runs, and the other way round.
 
 A verify job re-hashes every file of the manifest and stores the outcome in
 ``.service/verify/<entity>.json``, keyed by file name and expected sha256, so the entity's
 ``verified`` state stays exact as the manifest changes.
+
+A record that cannot be written when its job ends (a full disk) is retried a few times; then the
+process keeps it in memory and answers with it (the write error added to ``error``), retries the
+write whenever the job is read, and releases the locks anyway. Until the write succeeds the file
+still says ``running`` with free locks, so another worker process, or this one after a restart,
+reports the job ``interrupted``: never ``running`` forever.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from services.catalog import Catalog
-from services.errors import JobConflict, JobNotFound, NotPublished, ServiceError
+from services.download import DownloadConfig
+from services.download_job import DownloadCancelled, ReleaseTarsFailed
+from services.errors import JobConflict, JobNotFound, NotPublished, ServiceError, storage_error
+from services.job_records import (
+    ACTIVE,
+    JOB_ID_RE,
+    KINDS,
+    TERMINAL,
+    JobFiles,
+    JobRecord,
+    download_lock,
+    entity_id_or_none,
+    utc_now,
+)
+from services.job_runs import RUNNERS, VERIFY_DIR, JobCancelled, RunningJob, snapshot
 from services.settings import Settings
-from shards.ingest import IngestCancelled, IngestProgress, ingest
-from shards.manifest import load_manifest, verify_folder, write_atomic
+from shards.ingest import IngestCancelled
 
 logger = logging.getLogger("services.jobs")
 
-KINDS = ("ingest", "verify")
-ACTIVE = ("running",)
-TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
-JOB_ID_RE = re.compile(r"^(ingest|verify)-\d{8}T\d{6}-[0-9a-f]{8}$")
+__all__ = ["ACTIVE", "JOB_ID_RE", "KINDS", "TERMINAL", "JobManager", "JobRecord"]
+
 FLUSH_SECONDS = 1.0
-MAX_EXCLUDED_LISTED = 200
+FINAL_WRITE_RETRIES = (0.1, 0.5, 1.5)
+"""Seconds to wait before each new try of writing a job's final record."""
+_RETRY = "start the job again"
 
 
 class NoRawData(ServiceError):
@@ -49,50 +69,16 @@ class NoRawData(ServiceError):
     status = 409
 
 
-@dataclasses.dataclass
-class JobRecord:
-    """What a job did and is doing; the JSON file and the API response carry the same fields."""
+class DownloadsDisabled(ServiceError):
+    """The server has no release base URL, so it runs no download job."""
 
-    id: str
-    kind: str
-    entity: str
-    state: str = "running"
-    created: str = ""
-    finished: str | None = None
-    cancel_requested: bool = False
-    error: str | None = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    progress: dict[str, Any] = dataclasses.field(default_factory=dict)
-    result: dict[str, Any] | None = None
-
-    @classmethod
-    def from_dict(cls, body: dict[str, Any]) -> JobRecord:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in body.items() if key in fields})
+    status = 409
 
 
-class _Cancelled(Exception):
-    pass
+class DataRootNotWritable(ServiceError):
+    """Download jobs write into the data root, and this one cannot be written."""
 
-
-class _Running:
-    """A job of this process: its record, its lock and the live counters its thread updates."""
-
-    def __init__(self, record: JobRecord, lock_descriptor: int):
-        self.record = record
-        self.lock_descriptor = lock_descriptor
-        self.cancel = threading.Event()
-        self.ingest = IngestProgress()
-        self.verify_bytes_done = 0
-        self.verify_bytes_total = 0
-        self.started = time.monotonic()
-        self.write_lock = threading.Lock()
-        self.last_flush = 0.0
-        self.thread: threading.Thread | None = None
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    status = 409
 
 
 class JobManager:
@@ -101,17 +87,20 @@ class JobManager:
     def __init__(self, settings: Settings, catalog: Catalog):
         self.settings = settings
         self.catalog = catalog
-        self.jobs_dir = settings.service_dir / "jobs"
-        self.locks_dir = settings.service_dir / "locks"
-        self.verify_dir = settings.service_dir / "verify"
-        self._running: dict[str, _Running] = {}
+        self.files = JobFiles(settings.service_dir)
+        self.jobs_dir = self.files.jobs_dir
+        self.verify_dir = settings.service_dir / VERIFY_DIR
+        self._running: dict[str, RunningJob] = {}
+        self._unsaved: dict[str, JobRecord] = {}
+        """Ended jobs whose final record could not be written yet: this process's word on them."""
         self._guard = threading.Lock()
+        self._unsaved_lock = threading.Lock()
         self._shutting_down = False
 
     # Lifecycle ----------------------------------------------------------------------------
     def recover(self) -> None:
         """Mark the records of jobs no process runs any more as ``interrupted`` (at startup)."""
-        for record in self._records():
+        for record in self.files.records():
             if record.state in ACTIVE:
                 self._settle_orphan(record)
 
@@ -126,6 +115,8 @@ class JobManager:
         for job in running:
             if job.thread is not None:
                 job.thread.join(max(0.0, deadline - time.monotonic()))
+        for job_id in list(self._unsaved):
+            self._save_unsaved(job_id)
 
     # Queries ------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
@@ -134,8 +125,11 @@ class JobManager:
         with self._guard:
             job = self._running.get(job_id)
         if job is not None:
-            return self._snapshot(job)
-        record = self._read(job_id)
+            return snapshot(job)
+        unsaved = self._save_unsaved(job_id)
+        if unsaved is not None:
+            return unsaved
+        record = self.files.read(job_id)
         if record is None:
             raise JobNotFound(f"no job {job_id!r}; GET /api/v1/jobs lists them")
         if record.state in ACTIVE:
@@ -143,10 +137,13 @@ class JobManager:
         return record
 
     def find(self, entity: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first."""
-        records = [record for record in self._records() if entity is None or record.entity == entity]
+        """Newest first; ``entity`` selects the jobs that concern it (see :meth:`JobRecord.concerns`)."""
+        records = [record for record in self.files.records() if entity is None or record.concerns(entity)]
         records.sort(key=lambda record: record.id.split("-", 1)[1], reverse=True)
-        return [self.get(record.id) if record.state in ACTIVE else record for record in records[:limit]]
+        return [
+            self.get(record.id) if record.state in ACTIVE or record.id in self._unsaved else record
+            for record in records[:limit]
+        ]
 
     def running_for(self, entity: str) -> JobRecord | None:
         return next((record for record in self.find(entity) if record.state in ACTIVE), None)
@@ -158,7 +155,7 @@ class JobManager:
         """Jobs this process runs now (for metrics and the status page)."""
         with self._guard:
             running = list(self._running.values())
-        return [self._snapshot(job) for job in running]
+        return [snapshot(job) for job in running]
 
     def verify_result(self, entity: str) -> dict[str, Any] | None:
         try:
@@ -168,41 +165,48 @@ class JobManager:
 
     # Commands -----------------------------------------------------------------------------
     def start(self, kind: str, entity: str, options: dict[str, Any] | None = None) -> JobRecord:
-        """Start a job in a background thread; raise :class:`JobConflict` if one runs on ``entity``."""
-        assert kind in KINDS
+        """Start an ingest or verify job in a background thread.
+
+        Raises:
+            JobConflict: a job runs on ``entity``, or a download of its release does.
+            InsufficientStorage: the shard root's disk is full (the record cannot be written).
+            NotWritable: the shard root refuses the record for another reason.
+        """
+        assert kind in ("ingest", "verify")
         entity = self.catalog.require(entity)
         if kind == "ingest" and self.catalog.raw_dir(entity) is None:
             raise NoRawData(f"entity {entity!r} has no raw folder under the data root; nothing to ingest")
         if kind == "verify" and self.catalog.manifest(entity) is None:
             raise NotPublished(f"entity {entity!r} has no published manifest to verify; ingest it first")
-        descriptor = self._try_lock(entity)
-        if descriptor is None:
-            running = self.running_for(entity)
-            raise JobConflict(
-                f"a job already runs on {entity!r}" + (f": {running.id}" if running else ""),
-                running.id if running else None,
+        record = self._new_record(kind, entity, dict(options or {}))
+        entity_id = entity_id_or_none(entity)
+        others = [download_lock(entity_id)] if entity_id else []
+        return self._launch(record, others)
+
+    def start_download(self, config: DownloadConfig | Mapping[str, Any]) -> JobRecord:
+        """Start downloading the release tars ``config`` selects into the data root.
+
+        Args:
+            config: a download config, or its JSON object.
+
+        Raises:
+            DownloadsDisabled: no ``download_base_url`` is set.
+            ConfigError: the config selects nothing, or is malformed; it names the key.
+            NotWritable, InsufficientStorage: the data root (or the shard root) cannot be written.
+            JobConflict: a download of one of its entities runs, or a job on such an entity's folder.
+        """
+        if not isinstance(config, DownloadConfig):
+            config = DownloadConfig.from_dict(config, source="download request")
+        if self.settings.download_base_url is None:
+            raise DownloadsDisabled(
+                "download jobs are off: this server has no release base URL. Set MULTIFACE_DOWNLOAD_BASE_URL "
+                "(or multiface serve --download-base-url) to the release root, e.g. "
+                "https://<bucket>.s3.amazonaws.com/MugsyDataRelease/v0.0/identities/, and restart the service"
             )
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        record = JobRecord(
-            id=f"{kind}-{stamp}-{secrets.token_hex(4)}",
-            kind=kind,
-            entity=entity,
-            created=_now(),
-            options=dict(options or {}),
-        )
-        job = _Running(record, descriptor)
-        try:
-            self._write(record)
-        except BaseException:
-            self._unlock(descriptor)
-            raise
-        target = self._run_ingest if kind == "ingest" else self._run_verify
-        job.thread = threading.Thread(target=self._run, args=(job, target), name=record.id, daemon=True)
-        with self._guard:
-            self._running[record.id] = job
-        job.thread.start()
-        logger.info("started %s", record.id)
-        return self._snapshot(job)
+        self._check_data_root()
+        record = self._new_record("download", ",".join(config.entities), {"config": config.to_dict()})
+        folders = [name for name in self.catalog.names() if entity_id_or_none(name) in config.entities]
+        return self._launch(record, folders)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Ask a running job to stop; a finished job is returned as it is."""
@@ -214,181 +218,188 @@ class JobManager:
         if job is not None:
             job.record.cancel_requested = True
             job.cancel.set()
-            return self._snapshot(job)
+            return snapshot(job)
         # Run by another worker process: it polls this marker about once a second.
-        (self.jobs_dir / f"{job_id}.cancel").touch()
+        self.files.cancel_marker(job_id).touch()
         record.cancel_requested = True
         return record
 
+    def _new_record(self, kind: str, entity: str, options: dict[str, Any]) -> JobRecord:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        return JobRecord(
+            id=f"{kind}-{stamp}-{secrets.token_hex(4)}",
+            kind=kind,
+            entity=entity,
+            created=utc_now(),
+            options=options,
+        )
+
+    def _launch(self, record: JobRecord, conflicting: list[str]) -> JobRecord:
+        """Take the record's locks, check no conflicting lock is held, write the record, start the thread."""
+        folder = self.settings.service_dir
+        try:
+            descriptors = self.files.try_lock_all(record.lock_names)
+        except OSError as error:
+            raise storage_error(
+                error, folder / "locks", "cannot start the job: taking its lock", _RETRY
+            ) from None
+        if descriptors is None:
+            raise self._conflict(record.lock_names)
+        try:
+            busy = [name for name in conflicting if self.files.is_held(name)]
+            if busy:
+                raise self._conflict(busy)
+            self.files.write(record)
+        except OSError as error:
+            self.files.unlock_all(descriptors)
+            raise storage_error(
+                error, self.jobs_dir, "cannot start the job: writing its record", _RETRY
+            ) from None
+        except BaseException:
+            self.files.unlock_all(descriptors)
+            raise
+        job = RunningJob(record, descriptors)
+        job.tick = lambda: self._tick(job)
+        job.thread = threading.Thread(target=self._run, args=(job,), name=record.id, daemon=True)
+        with self._guard:
+            self._running[record.id] = job
+        job.thread.start()
+        logger.info("started %s", record.id)
+        return snapshot(job)
+
+    def _conflict(self, lock_names: list[str]) -> JobConflict:
+        running = next(
+            (
+                record
+                for record in self.files.records()
+                if record.state in ACTIVE and set(record.lock_names) & set(lock_names)
+            ),
+            None,
+        )
+        what = ", ".join(name.replace("download/", "the download of entity ") for name in lock_names)
+        return JobConflict(
+            f"a job already runs on {what}"
+            + (f": {running.id}; wait for it to end or cancel it" if running else ""),
+            running.id if running else None,
+        )
+
+    def _check_data_root(self) -> None:
+        """Download jobs write into the data root: refuse at once when they could not."""
+        root = self.settings.data_root
+        fix = "make it writable for the service (e.g. mount it read-write) or leave MULTIFACE_DOWNLOAD_BASE_URL unset"
+        if not root.is_dir():
+            raise DataRootNotWritable(
+                f"download jobs write into the data root {root}, which is not a folder; {fix}"
+            )
+        try:
+            (root / ".release").mkdir(exist_ok=True)
+        except OSError as error:
+            raise storage_error(error, root, "cannot start the download: creating .release", _RETRY) from None
+        if not os.access(root / ".release", os.W_OK | os.X_OK) or not os.access(root, os.W_OK | os.X_OK):
+            raise DataRootNotWritable(
+                f"download jobs write into the data root {root}, which is not writable; {fix}"
+            )
+
     # Running ------------------------------------------------------------------------------
-    def _run(self, job: _Running, target) -> None:
+    def _run(self, job: RunningJob) -> None:
         record = job.record
         try:
-            record.result = target(job)
+            record.result = RUNNERS[record.kind](job, self.settings, self.catalog)
             record.state = "succeeded"
-        except (IngestCancelled, _Cancelled):
+        except (IngestCancelled, JobCancelled, DownloadCancelled):
             record.state = "interrupted" if self._shutting_down else "cancelled"
             record.error = "server shut down; start the job again to resume" if self._shutting_down else None
         except Exception as error:  # the job's outcome, reported in its record; never kills the server
-            logger.exception("%s failed", record.id)
+            if not isinstance(error, ReleaseTarsFailed):
+                logger.exception("%s failed", record.id)
             record.state = "failed"
             record.error = f"{type(error).__name__}: {error}"
+            if isinstance(error, ReleaseTarsFailed):
+                record.result = error.result
         finally:
-            record.finished = _now()
-            final = self._snapshot(job)
+            record.finished = utc_now()
             with job.write_lock:
-                self._write(final)
+                self._save_final(snapshot(job))
             with self._guard:
                 self._running.pop(record.id, None)
-            with contextlib.suppress(FileNotFoundError):
-                (self.jobs_dir / f"{record.id}.cancel").unlink()
-            self._unlock(job.lock_descriptor)
+            with contextlib.suppress(OSError):
+                self.files.cancel_marker(record.id).unlink()
+            self.files.unlock_all(job.lock_descriptors)
             logger.info("%s ended %s", record.id, record.state)
 
-    def _tick(self, job: _Running) -> None:
+    def _save_final(self, final: JobRecord) -> None:
+        """Write a job's last record, retrying; keep it in memory when the disk still refuses."""
+        for delay in (0.0, *FINAL_WRITE_RETRIES):
+            time.sleep(delay)
+            try:
+                self.files.write(final)
+                return
+            except OSError as error:
+                failure = error
+        logger.error("%s: the final record could not be written (%s); kept in memory", final.id, failure)
+        note = (
+            f"the job's final record could not be written to {self.jobs_dir} ({failure.strerror or failure}); "
+            "this server reports it from memory and writes it once there is space (after a restart, or "
+            "from another worker process, the job reads 'interrupted')"
+        )
+        final.error = f"{final.error}; {note}" if final.error else note
+        with self._unsaved_lock:
+            self._unsaved[final.id] = final
+
+    def _save_unsaved(self, job_id: str) -> JobRecord | None:
+        """The in-memory record of an ended job not yet on disk (None if none); try to write it again."""
+        with self._unsaved_lock:
+            record = self._unsaved.get(job_id)
+            if record is None:
+                return None
+            with contextlib.suppress(OSError):
+                self.files.write(record)
+                del self._unsaved[job_id]
+                logger.info("%s: final record written after all", job_id)
+            return record
+
+    def _tick(self, job: RunningJob) -> None:
         """Called from job threads: flush progress and pick up a cross-process cancel, once a second."""
         now = time.monotonic()
         if now - job.last_flush < FLUSH_SECONDS:
             return
         job.last_flush = now
-        if (self.jobs_dir / f"{job.record.id}.cancel").exists():
+        if self.files.cancel_marker(job.record.id).exists():
             job.record.cancel_requested = True
             job.cancel.set()
         if job.write_lock.acquire(blocking=False):
             try:
-                self._write(self._snapshot(job))
+                self.files.write(snapshot(job))
+            except OSError as error:  # progress on disk lags; the job itself goes on
+                if not job.flush_failed:
+                    logger.warning(
+                        "%s: progress not written (%s); retrying every second", job.record.id, error
+                    )
+                job.flush_failed = True
             finally:
                 job.write_lock.release()
 
-    def _run_ingest(self, job: _Running) -> dict[str, Any]:
-        raw = self.catalog.raw_dir(job.record.entity)
-        if raw is None:
-            raise FileNotFoundError(f"{job.record.entity}: raw folder disappeared from the data root")
-        options = job.record.options
-        manifest = ingest(
-            raw,
-            self.settings.shard_root,
-            workers=options.get("workers") or self.settings.ingest_workers,
-            shard_size=options.get("shard_size") or self.settings.shard_size,
-            progress=job.ingest,
-            cancel=job.cancel,
-            on_sample=lambda: self._tick(job),
-        )
-        return {
-            "manifest_state": manifest.state,
-            "num_shards": len(manifest.shards),
-            "num_samples": manifest.num_samples,
-            "num_excluded": len(manifest.excluded),
-        }
-
-    def _run_verify(self, job: _Running) -> dict[str, Any]:
-        folder = self.settings.shard_root / job.record.entity
-        manifest = load_manifest(folder)
-        job.verify_bytes_total = sum(entry.bytes for entry in manifest.files().values())
-
-        def progress(num_bytes: int) -> None:
-            job.verify_bytes_done += num_bytes
-            self._tick(job)
-            if job.cancel.is_set():
-                raise _Cancelled()
-
-        report = verify_folder(folder, progress=progress)
-        if job.cancel.is_set():
-            raise _Cancelled()
-        result: dict[str, Any] = {
-            "job": job.record.id,
-            "finished": _now(),
-            "checked": {name: entry.sha256 for name, entry in manifest.files().items()},
-            "problems": {problem.name: dataclasses.asdict(problem) for problem in report.problems},
-        }
-        for problem in result["problems"].values():
-            problem["sha256"] = result["checked"].get(problem["name"])
-        self.verify_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.verify_dir / f"{job.record.entity}.json", json.dumps(result).encode())
-        return {"ok": report.ok, "num_files": report.num_files, "num_problems": len(report.problems)}
-
-    def _snapshot(self, job: _Running) -> JobRecord:
-        record = dataclasses.replace(job.record)
-        elapsed = max(1e-9, time.monotonic() - job.started)
-        if record.kind == "ingest":
-            progress = job.ingest
-            excluded = list(progress.excluded)
-            record.progress = {
-                "samples_done": progress.samples_done,
-                "samples_total": progress.samples_total,
-                "bytes_done": progress.bytes_done,
-                "bytes_per_second": progress.rate,
-                "eta_seconds": progress.eta,
-                "shards_done": progress.shards_done,
-                "shards_total": progress.shards_total,
-                "shards_resumed": progress.shards_skipped,
-                "num_excluded": len(excluded),
-                "excluded": [dataclasses.asdict(item) for item in excluded[:MAX_EXCLUDED_LISTED]],
-            }
-        else:
-            done, total = job.verify_bytes_done, job.verify_bytes_total
-            rate = done / elapsed
-            record.progress = {
-                "bytes_done": done,
-                "bytes_total": total,
-                "bytes_per_second": rate,
-                "eta_seconds": (total - done) / rate if rate > 0 else None,
-            }
-        return record
-
-    # Files and locks ----------------------------------------------------------------------
-    def _try_lock(self, entity: str) -> int | None:
-        self.locks_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.locks_dir / f"{entity}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            return None
-        return descriptor
-
-    @staticmethod
-    def _unlock(descriptor: int) -> None:
-        fcntl.flock(descriptor, fcntl.LOCK_UN)
-        os.close(descriptor)
-
+    # Orphans ------------------------------------------------------------------------------
     def _settle_orphan(self, record: JobRecord) -> JobRecord:
-        """A record says running: if no process holds its entity's lock, it was interrupted."""
-        descriptor = self._try_lock(record.entity)
-        if descriptor is None:
+        """A record says running: if no process holds its locks, it was interrupted."""
+        try:
+            descriptors = self.files.try_lock_all(record.lock_names)
+        except OSError as error:  # a lock file that cannot even be opened: say what the record says
+            logger.warning("%s: cannot check its locks (%s)", record.id, error)
+            return record
+        if descriptors is None:
             return record
         try:
-            # Re-read under the lock: the runner writes its final state before it unlocks.
-            current = self._read(record.id) or record
+            # Re-read under the locks: the runner writes its final state before it unlocks.
+            current = self.files.read(record.id) or record
             if current.state in ACTIVE:
                 current.state = "interrupted"
-                current.finished = current.finished or _now()
+                current.finished = current.finished or utc_now()
                 current.error = "the server stopped while this job ran; start it again to resume"
-                self._write(current)
+                try:
+                    self.files.write(current)
+                except OSError as error:  # reported all the same; a later read writes it
+                    logger.warning("%s: could not record it as interrupted (%s)", record.id, error)
             return current
         finally:
-            self._unlock(descriptor)
-
-    def _write(self, record: JobRecord) -> None:
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.jobs_dir / f"{record.id}.json", json.dumps(dataclasses.asdict(record)).encode())
-
-    def _read(self, job_id: str) -> JobRecord | None:
-        try:
-            return JobRecord.from_dict(json.loads((self.jobs_dir / f"{job_id}.json").read_bytes()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            return None
-
-    def _records(self) -> list[JobRecord]:
-        try:
-            names = os.listdir(self.jobs_dir)
-        except FileNotFoundError:
-            return []
-        records = []
-        for name in names:
-            stem = name[: -len(".json")]
-            if name.endswith(".json") and JOB_ID_RE.match(stem):
-                record = self._read(stem)
-                if record is not None:
-                    records.append(record)
-        return records
+            self.files.unlock_all(descriptors)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
+
+from services.download.config import (
+    ASSET_KEYS,
+    ENTITY_ID_RE,
+    EXAMPLE,
+    PER_EXPRESSION_KEYS,
+    RELEASE_EXPRESSION_RE,
+)
 
 IngestState = Literal["none", "running", "partial", "complete", "failed"]
 ManifestState = Literal["partial", "complete"]
 VerifyState = Literal["never", "running", "ok", "failed", "stale"]
 JobState = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
+JobKind = Literal["ingest", "verify", "download"]
 ShardState = Literal["ok", "unverified", "missing", "size", "sha256"]
 
 
@@ -196,7 +206,15 @@ class ExcludedSample(BaseModel):
     reason: str
 
 
+class FailedTar(BaseModel):
+    entity_id: str
+    name: str = Field(description="the release tar, e.g. images--E057_Cheeks_Puffed.tar")
+    error: str = Field(description="why it was not extracted (md5 mismatch, HTTP error, unsafe member)")
+
+
 class JobProgress(BaseModel):
+    """Progress of a job; which fields are set depends on its kind (the others are null or empty)."""
+
     samples_done: int | None = None
     samples_total: int | None = None
     bytes_done: int = 0
@@ -208,12 +226,20 @@ class JobProgress(BaseModel):
     shards_resumed: int | None = None
     num_excluded: int | None = None
     excluded: list[ExcludedSample] = Field(default_factory=list, description="the first 200 excluded samples")
+    tars_done: int | None = Field(None, description="download: selected release tars extracted")
+    tars_total: int | None = Field(None, description="download: release tars the config selects")
+    tars_failed: int | None = Field(None, description="download: tars that failed (see failed)")
+    failed: list[FailedTar] = Field(
+        default_factory=list, description="download: the first 200 failed tars with the reason"
+    )
 
 
 class Job(BaseModel):
     id: str
-    kind: Literal["ingest", "verify"]
-    entity: str
+    kind: JobKind
+    entity: str = Field(
+        description="the entity folder name; for a download job the release entity ids, comma-separated"
+    )
     state: JobState
     created: str
     finished: str | None
@@ -246,3 +272,45 @@ class IngestRequest(BaseModel):
         if isinstance(value, bool | str):
             raise ValueError("must be a JSON integer")
         return value
+
+
+EntityId = Annotated[str, StringConstraints(pattern=ENTITY_ID_RE.pattern, max_length=64)]
+ExpressionName = Annotated[str, StringConstraints(pattern=RELEASE_EXPRESSION_RE.pattern, max_length=200)]
+
+
+class DownloadRequest(BaseModel):
+    """A download config in the reference's ``download_config.json`` format; every key is required."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": json.loads(EXAMPLE),
+            # What DownloadConfig checks beyond types, stated for clients (and fuzzers): at least
+            # one asset is true, and the expression list is not empty when a per-expression one is.
+            "allOf": [
+                {"anyOf": [{"properties": {key: {"const": True}}} for key in ASSET_KEYS]},
+                {
+                    "anyOf": [
+                        {"properties": {"expression": {"minItems": 1}}},
+                        {"properties": {key: {"const": False} for key in PER_EXPRESSION_KEYS}},
+                    ]
+                },
+            ],
+        },
+    )
+
+    entity: list[EntityId] = Field(
+        min_length=1, max_length=100, description='release entity ids, e.g. ["6795937"] (strings)'
+    )
+    image: StrictBool = Field(description="images--<EXP>[_cam<CAM>].tar of the listed expressions")
+    mesh: StrictBool = Field(description="tracked_mesh--<EXP>.tar of the listed expressions")
+    texture: StrictBool = Field(
+        description="unwrapped_uv_1024--<EXP>[_cam<CAM>].tar of the listed expressions"
+    )
+    metadata: StrictBool = Field(description="metadata.tar: KRT, frame list, means and variances")
+    audio: StrictBool = Field(description="audio.tar: the SEN_* sentences' wav files")
+    expression: list[ExpressionName] = Field(
+        max_length=1000,
+        description='expressions, e.g. ["E057_Cheeks_Puffed"]; must not be empty when image, mesh or '
+        "texture is true",
+    )

@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.download import DEFAULT_WORKERS as DEFAULT_DOWNLOAD_WORKERS
 
 logger = logging.getLogger("services.settings")
 
@@ -61,6 +64,19 @@ class Settings(BaseSettings):
     scan_cache_seconds: float = Field(
         10.0, ge=0, description="how long a completeness scan of a raw entity is reused"
     )
+    download_base_url: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="release root of download jobs (one folder per entity id), e.g. the seed's S3 "
+        "root; unset: POST /api/v1/downloads is refused (409). Never taken from a request",
+    )
+    download_workers: int = Field(
+        DEFAULT_DOWNLOAD_WORKERS,
+        ge=1,
+        le=64,
+        description="release tars a download job fetches (and extracts) at once",
+    )
 
     @model_validator(mode="after")
     def _check_tokens(self) -> Settings:
@@ -104,6 +120,17 @@ class Settings(BaseSettings):
                 "MULTIFACE_CHUNK_BYTES and MULTIFACE_SEND_TIMEOUT do not apply to them; clients must reach "
                 "the service only through nginx (a direct GET gets an empty body)",
                 self.accel_redirect_prefix,
+            )
+        if self.download_base_url is None and self.download_workers != DEFAULT_DOWNLOAD_WORKERS:
+            logger.warning(
+                "MULTIFACE_DOWNLOAD_WORKERS has no effect: download jobs are off; set "
+                "MULTIFACE_DOWNLOAD_BASE_URL to the release root to turn them on"
+            )
+        if self.download_base_url is not None and not os.access(self.data_root, os.W_OK | os.X_OK):
+            logger.warning(
+                "MULTIFACE_DOWNLOAD_BASE_URL is set but the data root %s is not writable: download jobs "
+                "will be refused until it is (mount it read-write for the service)",
+                self.data_root,
             )
         if self.workers > 1:
             logger.warning(

@@ -62,16 +62,20 @@ class DownloadConfig:
             if not isinstance(entity, str) or not ENTITY_ID_RE.match(entity):
                 raise ConfigError(
                     f"entity: {entity!r} is not an entity id; use the release folder's id such as "
-                    '"6795937" (letters and digits, as a string: "002645310" keeps its zeros)'
+                    '"6795937" (letters and digits, as a string: "002645310" keeps its zeros)',
+                    key="entity",
                 )
         for expression in self.expressions:
             if not isinstance(expression, str) or not RELEASE_EXPRESSION_RE.match(expression):
                 raise ConfigError(
                     f"expression: {expression!r} is not an expression name; use names such as "
-                    '"E057_Cheeks_Puffed" (letters, digits, "_" and "-")'
+                    '"E057_Cheeks_Puffed" (letters, digits, "_" and "-")',
+                    key="expression",
                 )
         if not self.entities:
-            raise ConfigError('entity: the list is empty; name at least one entity, e.g. ["6795937"]')
+            raise ConfigError(
+                'entity: the list is empty; name at least one entity, e.g. ["6795937"]', key="entity"
+            )
         if not any(getattr(self, key) for key in ASSET_KEYS):
             raise ConfigError(
                 f"the config selects nothing: all of {', '.join(ASSET_KEYS)} are false; set at least one to true"
@@ -80,7 +84,8 @@ class DownloadConfig:
         if per_expression and not self.expressions:
             raise ConfigError(
                 f"expression: the list is empty, so {', '.join(per_expression)} would download nothing; "
-                'list expressions such as ["E057_Cheeks_Puffed"] or set those keys to false'
+                'list expressions such as ["E057_Cheeks_Puffed"] or set those keys to false',
+                key="expression",
             )
 
     @classmethod
@@ -100,15 +105,19 @@ class DownloadConfig:
             if key not in ALL_KEYS:
                 close = difflib.get_close_matches(str(key), ALL_KEYS, n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else ""
-                raise ConfigError(f"{source}: unknown key {key!r}{hint} The keys are: {', '.join(ALL_KEYS)}")
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}{hint} The keys are: {', '.join(ALL_KEYS)}", key=str(key)
+                )
         for key in ALL_KEYS:
             if key not in data:
                 kind = "true or false" if key in ASSET_KEYS else "a list of strings"
-                raise ConfigError(f'{source}: missing key "{key}"; add "{key}": {kind} (example: {EXAMPLE})')
+                raise ConfigError(
+                    f'{source}: missing key "{key}"; add "{key}": {kind} (example: {EXAMPLE})', key=key
+                )
         for key in ASSET_KEYS:
             if not isinstance(data[key], bool):
                 raise ConfigError(
-                    f'{source}: "{key}" must be true or false (JSON booleans), found {data[key]!r}'
+                    f'{source}: "{key}" must be true or false (JSON booleans), found {data[key]!r}', key=key
                 )
         lists = {key: _string_list(data[key], key, source) for key in ("entity", "expression")}
         try:
@@ -118,7 +127,7 @@ class DownloadConfig:
                 **{key: data[key] for key in ASSET_KEYS},
             )
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
+            raise ConfigError(f"{source}: {error}", key=error.key) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as the seed's JSON object."""
@@ -134,7 +143,8 @@ def _string_list(value: Any, key: str, source: str) -> list[str]:
         raise ConfigError(
             f'{source}: "{key}" must be a list of strings, e.g. "{key}": '
             + ('["6795937"]' if key == "entity" else '["E057_Cheeks_Puffed"]')
-            + f", found {value!r}"
+            + f", found {value!r}",
+            key=key,
         )
     return value
 

@@ -9,7 +9,16 @@ if TYPE_CHECKING:
 
 
 class ConfigError(ValueError):
-    """The download config is not valid: the message names the key, what was expected and the fix."""
+    """The download config is not valid: the message names the key, what was expected and the fix.
+
+    Attributes:
+        key: the config key at fault (``entity``, ``image``, ..., ``expression``), or None when the
+            config as a whole is wrong (not an object, selects nothing, unreadable file).
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class ReleaseFormatError(ValueError):

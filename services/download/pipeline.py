@@ -78,25 +78,32 @@ STAGING_DIR = "staging"
 log = logging.getLogger(__name__)
 
 UpdateListener = Callable[[str, TarRecord], None]
-"""Called as ``listener(entity_id, record)`` after every state change of a tar, possibly from a worker thread."""
+"""Called as ``listener(entity_id, record)`` once per tar of the release when its index is opened
+(state ``absent``, or ``extracted`` by an earlier run), then after every state change of a tar,
+possibly from a worker thread."""
+ByteListener = Callable[[str, str, int, int | None], None]
+"""Called as ``byte_listener(entity_id, tar_name, bytes_on_disk, total_or_None)`` while a tar downloads."""
 
 
 class _Bars:
     """Two tqdm bars: bytes of all tars, and tars done."""
 
-    def __init__(self, enabled: bool, num_tars: int):
+    def __init__(self, enabled: bool, num_tars: int, listener: ByteListener | None = None):
         options: dict[str, Any] = {"file": sys.stderr, "dynamic_ncols": True, "disable": not enabled}
         self.bytes = tqdm(
             total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="bytes", position=0, **options
         )
         self.tars = tqdm(total=num_tars, unit="tar", desc="tars", position=1, **options)
-        self._sizes: dict[str, tuple[int, int | None]] = {}
+        self._sizes: dict[tuple[str, str], tuple[int, int | None]] = {}
+        self._listener = listener
 
-    def report(self, key: str) -> Callable[[int, int | None], None]:
+    def report(self, entity_id: str, tar_name: str) -> Callable[[int, int | None], None]:
         def update(done: int, total: int | None) -> None:
-            self._sizes[key] = (done, total)
+            self._sizes[entity_id, tar_name] = (done, total)
             self.bytes.total = sum(t if t is not None else d for d, t in self._sizes.values())
             self.bytes.update(sum(d for d, _ in self._sizes.values()) - self.bytes.n)
+            if self._listener is not None:
+                self._listener(entity_id, tar_name, done, total)
 
         return update
 
@@ -163,6 +170,9 @@ def _open_index(dest: Path, release: Release, base_url: str, listener: UpdateLis
 
     writer = IndexWriter(path, index, notify)
     writer.write()
+    if notify is not None:
+        for record in records:
+            notify(record)
     return writer
 
 
@@ -181,7 +191,7 @@ async def _fetch_verified(
         if await asyncio.to_thread(file_md5, final) == tar.md5:
             return final
         final.unlink()
-    report = bars.report(f"{writer.index.entity_id}/{tar.name}")
+    report = bars.report(writer.index.entity_id, tar.name)
     part = await download_part(session, tar.name, tar.url, folder, policy, report)
     writer.update(tar.name, persist=False, state="downloaded", bytes=part.size, error=None)
     if part.md5 != tar.md5 and part.resumed:
@@ -268,8 +278,13 @@ async def download_release_async(
     policy: RetryPolicy | None = None,
     keep_tars: bool = False,
     listener: UpdateListener | None = None,
+    byte_listener: ByteListener | None = None,
 ) -> DownloadReport:
-    """Async form of :func:`download_release`, for callers that already run an event loop."""
+    """Async form of :func:`download_release`, for callers that already run an event loop.
+
+    Cancelling the task stops the downloads; ``.part`` files keep the bytes received, so a later
+    run resumes them (an extraction in progress finishes first: it runs in a worker thread).
+    """
     config = as_config(config)
     if workers < 1:
         raise ValueError(f"workers={workers}: use 1 or more parallel downloads")
@@ -288,7 +303,7 @@ async def download_release_async(
             report.warnings.extend(_warnings(release, config))
         for warning in report.warnings:
             log.warning("%s", warning)
-        bars = _Bars(progress, sum(len(release.selected) for release in releases))
+        bars = _Bars(progress, sum(len(release.selected) for release in releases), byte_listener)
         downloads, extractions = asyncio.Semaphore(workers), asyncio.Semaphore(workers)
         try:
             async with asyncio.TaskGroup() as group:
@@ -331,6 +346,7 @@ def download_release(
     policy: RetryPolicy | None = None,
     keep_tars: bool = False,
     listener: UpdateListener | None = None,
+    byte_listener: ByteListener | None = None,
 ) -> DownloadReport:
     """Download, verify and extract the release tars that ``config`` selects into ``dest``.
 
@@ -342,7 +358,9 @@ def download_release(
         progress: show tqdm bars for bytes and tars on stderr.
         policy: retries, backoff and timeouts (default :class:`RetryPolicy`).
         keep_tars: keep verified tars under ``dest/.release/<id>/tars`` after extraction.
-        listener: called after each tar state change (e.g. by the data service's job endpoint).
+        listener: called with every tar's initial state, then after each change (see
+            :data:`UpdateListener`; the data service's download jobs use it).
+        byte_listener: called as bytes of a tar arrive (see :data:`ByteListener`).
 
     Returns:
         The report; every selected tar is extracted.
@@ -355,6 +373,14 @@ def download_release(
     """
     return asyncio.run(
         download_release_async(
-            config, dest, base_url, workers, progress, policy=policy, keep_tars=keep_tars, listener=listener
+            config,
+            dest,
+            base_url,
+            workers,
+            progress,
+            policy=policy,
+            keep_tars=keep_tars,
+            listener=listener,
+            byte_listener=byte_listener,
         )
     )

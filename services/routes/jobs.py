@@ -1,4 +1,4 @@
-"""Ingest and verify jobs: start (202, or 409 while one runs on the entity), progress, cancel."""
+"""Ingest, verify and download jobs: start (202, or 409 while one runs on the entity), progress, cancel."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _accepted(record: JobRecord, response: Response) -> models.Job:
     status_code=202,
     response_model=models.Job,
     dependencies=[Depends(require_admin)],
-    responses=error_responses(400, 401, 404, 409),
+    responses=error_responses(400, 401, 404, 409, 507),
 )
 def start_ingest(
     entity: str, runtime: RuntimeDep, response: Response, body: models.IngestRequest | None = None
@@ -42,11 +42,31 @@ def start_ingest(
     status_code=202,
     response_model=models.Job,
     dependencies=[Depends(require_admin)],
-    responses=error_responses(401, 404, 409),
+    responses=error_responses(401, 404, 409, 507),
 )
 def start_verify(entity: str, runtime: RuntimeDep, response: Response) -> models.Job:
     """Re-hash every published file against the manifest; sets the entity's ``verified`` state."""
     return _accepted(runtime.jobs.start("verify", entity), response)
+
+
+@router.post(
+    "/downloads",
+    status_code=202,
+    response_model=models.Job,
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(400, 401, 409, 507),
+)
+def start_download(body: models.DownloadRequest, runtime: RuntimeDep, response: Response) -> models.Job:
+    """Download, md5-check and safely extract the release tars the config selects into the data root.
+
+    The body is the reference's download config (422 naming the key when it is malformed or
+    selects nothing). The release root is the server's setting ``MULTIFACE_DOWNLOAD_BASE_URL``
+    (409 while it is unset); the data root must be writable (409 naming it). 409 too while a
+    download of one of the entities, or a job on its folder, runs. Poll the job for tars and
+    bytes done, rate, ETA and failed tars; a tar failing its md5 fails the job naming it.
+    Starting the same download again resumes partial tars and skips extracted ones.
+    """
+    return _accepted(runtime.jobs.start_download(body.model_dump()), response)
 
 
 @router.get(
@@ -71,7 +91,7 @@ def list_jobs(
     responses=error_responses(401, 404),
 )
 def get_job(job_id: str, runtime: RuntimeDep) -> models.Job:
-    """A job's state and progress (samples, bytes, rate, ETA, excluded samples with reasons)."""
+    """A job's state and progress: samples or tars, bytes, rate, ETA, excluded samples or failed tars."""
     return _job(runtime.jobs.get(job_id))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_harness import LiveServer, settings_for
+from service_harness import Gate, LiveServer, settings_for, wait_for
 from shard_checks import assert_identical, check_folder, run_cli_ingest
 
 from shards.ingest import ingest
@@ -155,26 +156,61 @@ def _wait_job(client, url: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {url} still running after {timeout} s")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services bug: JobManager.start lets the OSError of writing the job record escape, "
-    "so a job started on a full shard root is a bare 500 (RELIABILITY_REPORT.md, bugs left open)",
-)
 def test_job_start_on_a_full_disk_names_the_problem(entity_cache, tmp_path):
     """Pins row 16 at the API: starting a job when the shard root has no space left must be
-    refused with 507 and a detail naming 'No space left on device', not a bare 500."""
+    refused with 507 and a detail naming 'No space left on device' and the folder, not a bare
+    500, and must leave the entity's lock free (a job starts once space is freed)."""
     with small_disk(tmp_path / "disk", 256 * PAGE) as disk:
         root = disk / "shards"
         root.mkdir()
         with LiveServer(settings_for(entity_cache.parent, root)) as server, server.client() as client:
-            fill(disk, 0)
-            response = client.post(
-                f"/api/v1/entities/{entity_cache.name}/ingest", json={"shard_size": SHARD_SIZE}
-            )
+            filler = fill(disk, 0)
+            url = f"/api/v1/entities/{entity_cache.name}/ingest"
+            response = client.post(url, json={"shard_size": SHARD_SIZE})
+            filler.unlink()
+            job = client.post(url, json={"shard_size": SHARD_SIZE})
+            assert job.status_code == 202, job.text
+            _wait_job(client, job.json()["url"])
     assert response.status_code == 507 and "No space left on device" in response.text, (
         response.status_code,
         response.text[:300],
     )
+    assert response.json()["error"] == "InsufficientStorage"
+    assert str(root / ".service" / "jobs") in response.json()["detail"]
+
+
+def test_job_whose_final_record_cannot_be_written_does_not_stay_running(entity_cache, tmp_path, monkeypatch):
+    """Pins row 16 at the end of a job: when the disk fills up while an ingest runs, so that the
+    job fails and its final record cannot be written either, the job used to stay 'running' for
+    ever with its lock held. Now this server must answer the terminal state with both errors,
+    free the lock (a new job is refused for the full disk, 507, not as a conflict), the record
+    left on disk must read 'interrupted' to a server that does not have the job in memory, and
+    once space is freed the true final record must be written."""
+    gate = Gate(monkeypatch)
+    with small_disk(tmp_path / "disk", 8 << 20) as disk:
+        root = disk / "shards"
+        root.mkdir()
+        url = f"/api/v1/entities/{entity_cache.name}/ingest"
+        settings = settings_for(entity_cache.parent, root)
+        with LiveServer(settings) as server, server.client() as client:
+            job = client.post(url, json={"shard_size": SHARD_SIZE, "workers": 1}).json()
+            assert gate.waiting.wait(20), "the ingest never reached its first sample"
+            filler = fill(disk, 0)
+            gate.open.set()
+            assert _wait_job(client, job["url"])["state"] == "failed"
+            # After its retries (about 2 s) the job's error also says its record was not written.
+            note = "final record could not be written"
+            ended = wait_for(lambda: note in (body := client.get(job["url"]).json())["error"] and body)
+            assert ended["state"] == "failed" and ended["error"].count("No space left on device") == 2
+            again = client.post(url, json={"shard_size": SHARD_SIZE})
+            assert again.status_code == 507, again.text
+            record_file = root / ".service" / "jobs" / f"{job['id']}.json"
+            assert json.loads(record_file.read_text())["state"] == "running"
+            with LiveServer(settings) as other, other.client() as other_client:
+                assert other_client.get(job["url"]).json()["state"] == "interrupted"
+            filler.unlink()
+            assert client.get(job["url"]).json()["state"] == "failed"
+            assert json.loads(record_file.read_text())["state"] == "failed"
 
 
 def test_checkpoint_on_a_full_disk_keeps_no_temp_file(tmp_path):

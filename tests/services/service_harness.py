@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+import shards.ingest
 from services.app import create_app
 from services.server import build_config
 from services.settings import Settings
@@ -194,3 +195,41 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.signal(signal.SIGKILL)
             self.process.wait(10)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def wait_job(client, job_id: str, states=("succeeded", "failed", "cancelled", "interrupted")) -> dict:
+    """Poll ``GET /api/v1/jobs/<id>`` until the job is in one of ``states``; its body."""
+    return wait_for(lambda: (job := client.get(f"/api/v1/jobs/{job_id}").json())["state"] in states and job)
+
+
+class Gate:
+    """Makes ingest read a sample only when the test lets it (in-process server)."""
+
+    def __init__(self, monkeypatch):
+        self.permits = threading.Semaphore(0)
+        self.open = threading.Event()
+        self.waiting = threading.Event()
+        """Set once an ingest waits at the gate (everything before its first sample is done)."""
+        read = shards.ingest._EntityReader.read
+
+        def gated_read(reader, *args, **kwargs):
+            while not self.open.is_set() and not self.permits.acquire(timeout=0.05):
+                self.waiting.set()
+            return read(reader, *args, **kwargs)
+
+        monkeypatch.setattr(shards.ingest._EntityReader, "read", gated_read)
+
+    def allow(self, count: int) -> None:
+        for _ in range(count):
+            self.permits.release()

@@ -12,6 +12,7 @@ from service_harness import ADMIN_TOKEN, CRAFTED, READ_TOKEN, LiveServer, settin
 
 OPEN = {"/api/v1/health", "/api/v1/ready"}
 ADMIN = {
+    "/api/v1/downloads",
     "/api/v1/entities/{entity}/ingest",
     "/api/v1/entities/{entity}/verify",
     "/api/v1/jobs/{job_id}/cancel",
