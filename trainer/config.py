@@ -113,9 +113,14 @@ class TrainConfig:
             warnings.warn("--antialias has no effect with --lambda_screen 0", stacklevel=2)
 
     def loader_kind(self, device: torch.device) -> str:
-        """``ring`` or ``processes``: what ``--loader auto`` means on ``device`` (ring on CUDA)."""
+        """``ring`` or ``processes``: what ``--loader auto`` means on ``device``.
+
+        Auto is the ring on CUDA with ``--gpu_normalise`` (uint8 batches, about 14 MB per sample
+        with the photo); without it a sample is float32 (about 71 MB), and the ring's
+        ``prefetch + 2`` slots per worker could outgrow a container's /dev/shm.
+        """
         if self.loader == "auto":
-            return "ring" if device.type == "cuda" else "processes"
+            return "ring" if device.type == "cuda" and self.gpu_normalise else "processes"
         return self.loader
 
     @property
@@ -177,7 +182,8 @@ _HELP = {
     "bf16": "bfloat16 autocast of the training forward (CUDA only; evaluation stays fp32)",
     "loader": "how training batches reach the device: 'processes' (DataLoader workers, pin_memory) or 'ring' "
     "(the same workers write into shared page-locked buffers, trainer.feeder; 4-6x the batch transfer rate on an "
-    "H200 host, BENCHMARKS.md); 'auto' is ring on CUDA. The ring keeps prefetch+2 batches per worker in /dev/shm",
+    "H200 host, BENCHMARKS.md); 'auto' is ring on CUDA with --gpu_normalise. The ring keeps prefetch+2 batches per "
+    "worker in /dev/shm",
 }
 
 

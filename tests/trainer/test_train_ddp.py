@@ -176,7 +176,7 @@ def run_with_service(folder: str, shard_root: Path, tmp_path: Path) -> None:
 
 def test_tampered_shard_is_refused(shard_root, tmp_path):
     """Pins that a shard whose sha256 differs from the manifest is refused and reported, never
-    trained on (through the batch ring, --loader ring, which CUDA runs use by default)."""
+    trained on (through the batch ring, --loader ring, the default of CUDA runs with --gpu_normalise)."""
     source = next((shard_root / "shards").iterdir())
     copy = tmp_path / "shards" / source.name
     copy.parent.mkdir()
