@@ -8,10 +8,12 @@ Data: a synthetic entity at the real size (2048 x 1334 photos, 1024 textures), o
 2 frames x ``--cameras`` synthesised and copied to ``--frames`` frames, with Gaussian noise of
 ``--noise`` grey levels added to every image (synthetic renders are far smoother than real
 photos: a noisy photo's PNG is about 4.4 MB, near a real one's, against 0.7 MB without), then
-ingested twice: ``--image-codec png`` (the release's bytes) and ``delta-zstd``.
+ingested once per ``--forms``: ``--image-codec png`` (the release's bytes), ``delta-zstd`` and
+``delta-rice`` (decoded on the GPU by ``trainer.gpu_rice``).
 
 Parts (``--parts``):
-- codec: decode ms and bytes of one photo and one texture per stored form, one core.
+- codec: decode ms and bytes of one photo and one texture per stored form, one core; for
+  delta-rice also the GPU decode of a batch (``--device cuda``).
 - loader: decoded samples/s of ``trainer.data.ShardStream`` in a DataLoader (batch 16, the screen-
   loss fields) for every form x path (cpu: ``decode_sample`` in the workers; device: uint8
   ``decode_stored`` in the workers + ``finish_on_device``) x source (local folder; the data
@@ -53,7 +55,7 @@ from shards.codecs import decode_dzst, decode_png, encode_dzst
 from shards.ingest import ingest, parse_size
 from shards.synth import synthesize
 
-FORMS = ("png", "delta-zstd")
+FORMS = ("png", "delta-zstd", "delta-rice")
 PATHS = ("cpu", "device")
 SCREEN_FIELDS = ("tex", "avg_tex", "mask", "aligned_verts", "M", "view", "cam", "exp", "frame", "cam_idx",
                  "photo", "uvs", "vert_ids", "uv_ids")  # fmt: skip
@@ -124,6 +126,54 @@ def codec_rows(entity: Path, noise: float) -> list[str]:
     return rows
 
 
+def rice_rows(entity: Path, noise: float, device, batch: int) -> list[str]:
+    """delta-rice: bytes, encode and CPU decode ms, and (CUDA) the kernel's ms for a batch, with
+    delta-zstd's GPU row-filter undo of the same batch beside it (the GPU work it replaces)."""
+    import torch
+
+    from shards import rice
+    from shards.codecs import packed_rice
+    from trainer.gpu_decode import undo_up_filter
+    from trainer.gpu_rice import decode_batch
+
+    expression = next((entity / "images").iterdir()).name
+    photo = sorted((entity / "images" / expression).rglob("*.png"))[0]
+    texture = sorted(
+        p for p in (entity / "unwrapped_uv_1024" / expression).rglob("*.png") if "average" not in str(p)
+    )[0]
+    rows = []
+    for kind, path in (("photo", photo), ("texture", texture)):
+        pixels = decode_png(path.read_bytes(), str(path))
+        encoded = rice.encode(pixels)
+        assert np.array_equal(rice.decode(encoded, "drc"), pixels)
+        encode = _median_ms(lambda pixels=pixels: rice.encode(pixels), 3)
+        cpu = _median_ms(lambda encoded=encoded: rice.decode(encoded, "drc"), 3)
+        gpu = undo = "-"
+        if device.type == "cuda":
+            slot = np.stack([packed_rice(encoded, "drc") for _ in range(batch)])
+            members = torch.from_numpy(slot).to(device)
+            filtered = torch.from_numpy(np.stack([pixels] * batch)).to(device)
+            assert torch.equal(decode_batch(members, pixels.shape)[0].cpu(), torch.from_numpy(pixels))
+
+            def timed(function) -> float:
+                function()
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                for _ in range(10):
+                    function()
+                torch.cuda.synchronize()
+                return 100.0 * (time.perf_counter() - began)  # ms per call
+
+            gpu = f"{timed(lambda members=members, shape=pixels.shape: decode_batch(members, shape)):.2f}"
+            undo = f"{timed(lambda filtered=filtered: undo_up_filter(filtered)):.2f}"
+        shape = "x".join(str(side) for side in pixels.shape[:2])
+        rows.append(
+            f"| {kind} {shape}, noise {noise:g} | {len(encoded) / 1e6:.2f} | {encode:.0f} | {cpu:.0f} | "
+            f"{gpu} | {undo} |"
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------------- the service
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -132,12 +182,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def data_service(shard_root: Path, data_root: Path, log: Path):
+def data_service(shard_root: Path, data_root: Path, log: Path, workers: int = 1):
     """Yield (base URL, server pid) of ``multiface serve`` on a free loopback port, no auth."""
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("MULTIFACE_")}
     command = [sys.executable, "-m", "shards.cli", "serve", "--data-root", str(data_root), "--shard-root",
-               str(shard_root), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               str(shard_root), "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]  # fmt: skip
     with open(log, "w") as handle:
         server = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -173,6 +223,18 @@ def service_available() -> str | None:
 
 # --------------------------------------------------------------------------------------- loader
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _with_children(pid: int) -> list[int]:
+    """``pid`` and its descendants (a data service with --workers > 1 forks its workers)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def cpu_seconds(pids) -> float:
@@ -252,7 +314,7 @@ def measure_loader(location, form, path, workers, args, device, server_pid=None,
     if device.type == "cuda":
         loader.torch.cuda.synchronize()
     pids = loader.pids()
-    server = [server_pid] if server_pid else []
+    server = _with_children(server_pid) if server_pid else []
     cpu0, server0, began = cpu_seconds(pids), cpu_seconds(server), time.perf_counter()
     batches = 0
     while batches < max(3, 2 * workers) or time.perf_counter() - began < args.seconds:
@@ -323,9 +385,12 @@ def timed_steps(step: Step, next_batch, warmup: int, steps: int, batch_size: int
         step(next_batch())
     torch.cuda.synchronize()
     events = []
+    waited, cpu_began = 0.0, time.thread_time()
     began = time.perf_counter()
     for _ in range(steps):
+        asked = time.perf_counter()
         batch = next_batch()
+        waited += time.perf_counter() - asked
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step(batch)
@@ -334,14 +399,57 @@ def timed_steps(step: Step, next_batch, warmup: int, steps: int, batch_size: int
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - began
     busy = sum(start.elapsed_time(end) for start, end in events) / 1000.0
-    return {"samples_per_s": steps * batch_size / elapsed, "busy": busy / elapsed}
+    return {
+        "samples_per_s": steps * batch_size / elapsed,
+        "busy": busy / elapsed,
+        "wait_ms": 1000 * waited / steps,  # in next_batch: receiving, copy and finish launches, waiting
+        "main_cpu_ms": 1000 * (time.thread_time() - cpu_began) / steps,  # the training thread's CPU
+    }
 
 
 def _constant(batch: dict):
     return lambda: batch
 
 
-def train_rows(locations, args, device) -> list[str]:
+def _main_core() -> set[int]:
+    """The logical CPUs of the core this process runs on first (CPU 0's hyperthread siblings)."""
+    siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+    text = siblings.read_text().strip() if siblings.is_file() else "0"
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@contextlib.contextmanager
+def _own_core(enabled: bool, server_pids: list[int]):
+    """With ``enabled``: the training process alone on one core, workers and server elsewhere.
+
+    The workers inherit the process's affinity when they start (at the block's first batch),
+    so the process first takes the other CPUs, then moves to its own core once the workers
+    run (``moved()``).
+    """
+    everything = os.sched_getaffinity(0)
+    if not enabled:
+        yield lambda: None
+        return
+    mine = _main_core() & everything
+    rest = everything - mine
+    for pid in server_pids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, rest)
+    os.sched_setaffinity(0, rest)
+    try:
+        yield lambda: os.sched_setaffinity(0, mine)
+    finally:
+        os.sched_setaffinity(0, everything)
+        for pid in server_pids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, everything)
+
+
+def train_rows(locations, args, device, servers: dict) -> list[str]:
     import torch
 
     from shards.decode import EntityMetadata
@@ -349,36 +457,52 @@ def train_rows(locations, args, device) -> list[str]:
     rows = []
     for screen in (True, False):
         fields = SCREEN_FIELDS if screen else NO_SCREEN_FIELDS
-        first = locations[("delta-zstd", "local")]
+        first = locations[(args.forms[0], "local")]  # the ceiling's batch: any form decodes alike
         meta = EntityMetadata.from_shard_folder(Path(first))
         step = Step(meta, device, screen)
-        loader = Loader(first, "delta-zstd", "device", 0, args, device, fields)
+        loader = Loader(first, args.forms[0], "device", 0, args, device, fields)
         fixed = _constant(loader.next())
         loader.close()
-        ceiling = timed_steps(step, fixed, args.warmup, args.steps, args.batch)
-        del fixed
-        rows.append(f"| {'on' if screen else 'off'} | ceiling: one batch kept on the GPU | - | "
-                    f"{ceiling['samples_per_s']:.0f} | 1.00 | {ceiling['busy']:.2f} |")  # fmt: skip
-        print(rows[-1], flush=True)
-        for form, path, kind, workers in itertools.product(
-            args.forms, args.paths, args.loaders, args.train_workers
+        # The ceiling before and after the streaming rows (it moves by 10-20% between runs on a
+        # shared host); each ratio is against the higher of the two.
+        before = timed_steps(step, fixed, args.warmup, args.steps, args.batch)
+        streaming = []
+        for form, path, kind, workers, placement in itertools.product(
+            args.forms, args.paths, args.loaders, args.train_workers, args.placement
         ):
             source = "http" if (form, "http") in locations else "local"
             label = f"| {'on' if screen else 'off'} | streaming: {form}, {path} normalise, {source}, {workers} {kind}"
+            label += ", training process on its own core" if placement == "own-core" else ""
+            server_pids = _with_children(servers[form]) if source == "http" and form in servers else []
             try:
-                stream = Loader(
-                    locations[(form, source)], form, path, workers, args, device, fields, kind=kind
-                )
-                result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
-                stream.close()
+                with _own_core(placement == "own-core", server_pids) as moved:
+                    stream = Loader(
+                        locations[(form, source)], form, path, workers, args, device, fields, kind=kind
+                    )
+                    stream.next()  # the workers start here (and inherit this process's CPUs)
+                    moved()
+                    result = timed_steps(step, stream.next, workers + args.warmup, args.steps, args.batch)
+                    stream.close()
             except (RuntimeError, OSError) as error:  # e.g. a worker killed: /dev/shm or RAM too small
-                rows.append(f"{label} | failed: {str(error)[:160]} | - | - | - |")
+                streaming.append((label, f"failed: {str(error)[:160]} | - | - | - | - | - |", None))
             else:
-                ratio = result["samples_per_s"] / ceiling["samples_per_s"]
-                rows.append(
-                    f"{label} | {form}/{path} | {result['samples_per_s']:.0f} | {ratio:.2f} | {result['busy']:.2f} |"
-                )
-            print(rows[-1], flush=True)
+                streaming.append((label, f"{form}/{path}", result))
+            print(label, streaming[-1][2], flush=True)
+        after = timed_steps(step, fixed, args.warmup, args.steps, args.batch)
+        del fixed
+        ceiling = max(before["samples_per_s"], after["samples_per_s"])
+        for name, measured in (("before", before), ("after", after)):
+            rows.append(f"| {'on' if screen else 'off'} | ceiling ({name}): one batch kept on the GPU | - | "
+                        f"{measured['samples_per_s']:.0f} | {measured['samples_per_s'] / ceiling:.2f} | "
+                        f"{measured['busy']:.2f} | {measured['wait_ms']:.1f} | {measured['main_cpu_ms']:.1f} |")  # fmt: skip
+        for label, what, result in streaming:
+            if result is None:
+                rows.append(f"{label} | {what}")
+            else:
+                rows.append(f"{label} | {what} | {result['samples_per_s']:.0f} | "
+                            f"{result['samples_per_s'] / ceiling:.2f} | {result['busy']:.2f} | "
+                            f"{result['wait_ms']:.1f} | {result['main_cpu_ms']:.1f} |")  # fmt: skip
+        print("\n".join(rows[-2 - len(streaming) :]), flush=True)
         del step
         torch.cuda.empty_cache()
     return rows
@@ -411,11 +535,14 @@ def main() -> int:
     parser.add_argument(
         "--parts", default=None, help="codec,loader,train (default: all that the device allows)"
     )
-    parser.add_argument("--forms", default=",".join(FORMS), help="stored forms: png,delta-zstd")
+    parser.add_argument("--forms", default=",".join(FORMS), help="stored forms: png,delta-zstd,delta-rice")
     parser.add_argument(
         "--paths", default=",".join(PATHS), help="cpu (decode_sample) and/or device (finish_on_device)"
     )
     parser.add_argument("--sources", default="local,http", help="local folder and/or the data service")
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="uvicorn worker processes of the data service"
+    )
     parser.add_argument("--frames", type=int, default=8, help="frames (2 synthesised, copied to this many)")
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument(
@@ -438,6 +565,12 @@ def main() -> int:
         "--train-workers",
         default=None,
         help="DataLoader worker counts of the streaming trainer rows, e.g. 12,16 (default: the most of --workers)",
+    )
+    parser.add_argument(
+        "--placement",
+        default="shared",
+        help="trainer rows: shared (any process on any CPU) and/or own-core (the training process alone "
+        "on CPU 0's core, workers and server on the others), e.g. shared,own-core",
     )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
@@ -463,6 +596,9 @@ def main() -> int:
         [int(n) for n in args.train_workers.split(",")] if args.train_workers else [max(args.workers)]
     )
     args.loaders = [kind for kind in args.loaders.split(",") if kind]
+    args.placement = [placement for placement in args.placement.split(",") if placement]
+    if unknown := set(args.placement) - {"shared", "own-core"}:
+        parser.error(f"--placement {','.join(sorted(unknown))}: expected shared and/or own-core")
     if unknown := set(args.loaders) - {"processes", "ring"}:
         parser.error(f"--loaders {','.join(sorted(unknown))}: expected processes and/or ring")
     args.forms = [form for form in args.forms.split(",") if form]
@@ -510,6 +646,12 @@ def main() -> int:
                   "delta-zstd encode ms | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += codec_rows(entity, args.noise)
         print("\n".join(lines[-4:]), flush=True)
+        if "delta-rice" in args.forms:
+            lines += ["", f"### delta-rice: size, CPU encode and decode (one core), GPU decode of a batch of {args.batch}",
+                      "", "| image | delta-rice MB | encode ms | CPU decode ms (numpy) | GPU decode ms / batch | "
+                      "delta-zstd GPU row-filter undo ms / batch |", "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += rice_rows(entity, args.noise, device, args.batch)
+            print("\n".join(lines[-4:]), flush=True)
 
     locations = {}
     with contextlib.ExitStack() as stack:
@@ -517,7 +659,9 @@ def main() -> int:
         for form in args.forms:
             locations[(form, "local")] = str(folders[form] / entity.name)
             if "http" in sources:
-                base, pid = stack.enter_context(data_service(folders[form], raw, work / f"serve-{form}.log"))
+                base, pid = stack.enter_context(
+                    data_service(folders[form], raw, work / f"serve-{form}.log", args.server_workers)
+                )
                 locations[(form, "http")] = f"{base}/api/v1/entities/{entity.name}/manifest.json"
                 servers[form] = pid
         if "loader" in parts:
@@ -555,9 +699,9 @@ def main() -> int:
                             print(lines[-1], flush=True)
         if "train" in parts and device.type == "cuda":
             lines += ["", f"### Trainer on the GPU: base, tex 1024, batch {args.batch}, {args.steps} timed steps", "",
-                      "| screen loss | fed by | form/path | samples/s | / ceiling | GPU busy |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
-            lines += train_rows(locations, args, device)
+                      "| screen loss | fed by | form/path | samples/s | / ceiling | GPU busy | "
+                      "next batch ms/step | training thread CPU ms/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += train_rows(locations, args, device, servers)
     lines.append(f"\n(total {time.monotonic() - began:.0f} s)\n")
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)

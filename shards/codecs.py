@@ -1,4 +1,7 @@
-"""How a shard stores its images: the release's PNG bytes (default) or ``delta-zstd``.
+"""How a shard stores its images: the release's PNG bytes (default), ``delta-zstd`` or ``delta-rice``.
+
+``delta-rice`` (``shards/rice.py``) is lossless too, and made for decoding on the GPU: about the
+size of ``delta-zstd``, and a loader worker only copies its bytes (``trainer.gpu_rice`` decodes).
 
 ``delta-zstd`` is a lossless form that decodes several times faster than PNG (about 15-20 ms
 instead of 40-110 ms for a 2048 x 1334 photo on one core, ``bench/bench_input.py``): the 8-bit
@@ -21,12 +24,13 @@ import struct
 import cv2
 import numpy as np
 
+from shards import rice
 from shards.errors import FormatError
 
-IMAGE_CODECS = ("png", "delta-zstd")
+IMAGE_CODECS = ("png", "delta-zstd", "delta-rice")
 """Stored image forms, the manifest's ``image_codec`` values."""
 
-EXTENSIONS = {"png": "png", "delta-zstd": "dzst"}
+EXTENSIONS = {"png": "png", "delta-zstd": "dzst", "delta-rice": "drc"}
 """Member extension of each form: ``photo.png`` or ``photo.dzst``."""
 
 IMAGE_MEMBERS = ("photo", "tex", "avg_tex")
@@ -179,22 +183,58 @@ def decode_png(data: bytes, source: str) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
+def encode_image(pixels: np.ndarray, codec: str) -> bytes:
+    """(H, W, C) uint8 pixels as a member of a lossless form other than PNG."""
+    if codec == "delta-zstd":
+        return encode_dzst(pixels)
+    if codec == "delta-rice":
+        return rice.encode(pixels)
+    raise ValueError(f"image codec {codec!r}: pixels are re-encoded only as delta-zstd or delta-rice")
+
+
+def packed_rice(data: bytes, source: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A ``delta-rice`` member as it travels to the GPU: its bytes at the start of a
+    ``shards.rice.capacity`` buffer (the same size for every image of one shape).
+
+    Args:
+        data: the member's bytes.
+        source: its name, for errors.
+        out: a (capacity,) uint8 buffer to write into when its size is right (then returned).
+    """
+    (rows, cols, channels), _ = rice.column_starts(data, source)
+    size = rice.capacity(rows, cols, channels)
+    if len(data) > size or len(data) % 4:
+        raise FormatError(
+            source, f"a delta-rice member of at most {size} bytes, a multiple of 4", found=str(len(data))
+        )
+    if out is None or out.shape != (size,) or out.dtype != np.uint8 or not out.flags.writeable:
+        out = np.zeros(size, dtype=np.uint8)
+    out[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return out
+
+
 def decode_image(
     data: bytes, extension: str, source: str, keep_row_filter: bool = False, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Pixels of an image member of either form, chosen by its extension (``png`` or ``dzst``).
+    """Pixels of an image member of any form, chosen by its extension (``png``, ``dzst``, ``drc``).
 
-    With ``keep_row_filter`` a ``dzst`` member comes back still row-filtered
-    (:func:`decompress_dzst`), for undoing the filter on the GPU; PNG members are always pixels.
+    With ``keep_row_filter`` (the uint8 path that finishes decoding on the GPU) a ``dzst``
+    member comes back still row-filtered (:func:`decompress_dzst`) and a ``drc`` member still
+    packed (:func:`packed_rice`); PNG members are always pixels.
     ``out``: an array to write into when the shapes agree (then returned), else ignored.
     """
     if extension == "dzst":
         pixels = decompress_dzst(data, source, out)
         return pixels if keep_row_filter else undo_up_filter(pixels)
-    if extension == "png":
+    if extension == "drc":
+        if keep_row_filter:
+            return packed_rice(data, source, out)
+        pixels = rice.decode(data, source)
+    elif extension == "png":
         pixels = decode_png(data, source)
-        if out is not None and out.shape == pixels.shape and out.dtype == pixels.dtype:
-            np.copyto(out, pixels)
-            return out
-        return pixels
-    raise FormatError(source, "an image member ending in .png or .dzst", found=extension)
+    else:
+        raise FormatError(source, "an image member ending in .png, .dzst or .drc", found=extension)
+    if out is not None and out.shape == pixels.shape and out.dtype == pixels.dtype:
+        np.copyto(out, pixels)
+        return out
+    return pixels

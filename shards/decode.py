@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from shards import rice
 from shards.codecs import EXTENSIONS, decode_image
 from shards.errors import FormatError
 from shards.formats import (
@@ -52,12 +53,13 @@ ALL_FIELDS = (
 )
 """Every field the reference Dataset returns."""
 
-# Images are read in either stored form (shards/codecs.py): a shard holds one of the two.
+# Images are read in any stored form (shards/codecs.py): a shard holds one of them.
+_IMAGE_FORMS = tuple(f".{extension}" for extension in EXTENSIONS.values())
 _MEMBERS_OF = {
-    "photo": ("photo.png", "photo.dzst"),
-    "tex": ("tex.png", "tex.dzst"),
-    "mask": ("tex.png", "tex.dzst"),
-    "avg_tex": ("avg_tex.png", "avg_tex.dzst"),
+    "photo": tuple(f"photo{form}" for form in _IMAGE_FORMS),
+    "tex": tuple(f"tex{form}" for form in _IMAGE_FORMS),
+    "mask": tuple(f"tex{form}" for form in _IMAGE_FORMS),
+    "avg_tex": tuple(f"avg_tex{form}" for form in _IMAGE_FORMS),
     "aligned_verts": ("verts.bin",),
     "M": ("transform.txt",),
     "view": ("transform.txt",),
@@ -135,7 +137,8 @@ def stored_image(
         sample: the sample's members.
         name: the image.
         keep_row_filter: leave a ``delta-zstd`` image row-filtered (see
-            :func:`shards.codecs.decompress_dzst`); PNG images are pixels either way.
+            :func:`shards.codecs.decompress_dzst`) and a ``delta-rice`` one packed
+            (:func:`shards.codecs.packed_rice`); PNG images are pixels either way.
         out: an (H, W, 3) uint8 array to write the image into if its shape is the image's.
 
     Returns:
@@ -186,7 +189,7 @@ def decode_sample(
 
     Args:
         sample: a dict as ``webdataset.WebDataset`` yields it: ``"photo.png"``, ``"tex.png"``,
-            ``"avg_tex.png"`` (or the ``.dzst`` forms, shards/codecs.py), ``"verts.bin"``,
+            ``"avg_tex.png"`` (or the ``.dzst``, ``.drc`` forms, shards/codecs.py), ``"verts.bin"``,
             ``"transform.txt"``, ``"sample.json"`` bytes.
         meta: the entity's metadata.
         tex_size: side of the returned textures (bilinear resize of the normalised texture).
@@ -212,7 +215,22 @@ def decode_sample(
 
 ROW_FILTER_FIELD = "image_filter"
 """Field of :func:`decode_stored` with ``keep_row_filter``: ``"up"`` when the sample's images are
-still row-filtered, ``"none"`` when they are pixels (PNG)."""
+still row-filtered (delta-zstd), ``"rice"`` when they are still packed (delta-rice, decoded by
+``trainer.gpu_rice``), ``"none"`` when they are pixels (PNG)."""
+
+IMAGE_SHAPES_FIELD = "image_shapes"
+"""Field of :func:`decode_stored` with ``keep_row_filter`` on a delta-rice sample: the shape of
+each packed image, ``"photo=1334x2048x3 tex=1024x1024x3 ..."`` (see :func:`packed_shapes`)."""
+
+
+def packed_shapes(text: str) -> dict[str, tuple[int, int, int]]:
+    """Parse :data:`IMAGE_SHAPES_FIELD`: image name -> (rows, cols, channels)."""
+    shapes = {}
+    for item in text.split():
+        name, _, size = item.partition("=")
+        rows, cols, channels = (int(part) for part in size.split("x"))
+        shapes[name] = (rows, cols, channels)
+    return shapes
 
 
 def decode_stored(
@@ -231,7 +249,8 @@ def decode_stored(
 
     With ``keep_row_filter``, ``delta-zstd`` images are only decompressed, not unfiltered (the
     per-row adds are about half of their CPU decode time; the GPU does them for a whole batch
-    at once), and the sample says which in :data:`ROW_FILTER_FIELD`.
+    at once), ``delta-rice`` images are only copied (the GPU decodes them), and the sample says
+    which in :data:`ROW_FILTER_FIELD` (and the packed shapes in :data:`IMAGE_SHAPES_FIELD`).
 
     ``out`` maps image names to arrays to decode into (a batch slot in shared memory,
     ``trainer.feeder``); an image whose shape differs gets a new array instead.
@@ -243,8 +262,15 @@ def decode_stored(
         decoded[name] = stored_image(sample, name, keep_row_filter, (out or {}).get(name))
     kept = {name: value for name, value in decoded.items() if name in fields | images}
     if keep_row_filter and images:
+        packed = [name for name in sorted(images) if f"{name}.{EXTENSIONS['delta-rice']}" in sample]
         filtered = any(f"{name}.{EXTENSIONS['delta-zstd']}" in sample for name in images)
-        kept[ROW_FILTER_FIELD] = "up" if filtered else "none"
+        kept[ROW_FILTER_FIELD] = "rice" if packed else "up" if filtered else "none"
+        if packed:
+            key = str(sample.get("__key__", "sample"))
+            kept[IMAGE_SHAPES_FIELD] = " ".join(
+                "{}={}x{}x{}".format(name, *rice.parse_header(_member(sample, f"{name}.drc", key), key))
+                for name in packed
+            )
     return kept
 
 

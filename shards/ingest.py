@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.codecs import check_codec, encode_dzst, image_member
+from shards.codecs import check_codec, encode_image, image_member
 from shards.errors import FormatError
 from shards.formats import (
     Camera,
@@ -178,8 +178,8 @@ def _read_checked(extension: str, path: Path, image_codec: str = "png") -> bytes
     data = read_bytes(path)
     if extension.endswith(".png"):
         check_png(data, str(path))
-        if image_codec == "delta-zstd":
-            return encode_dzst(parse_png(data, str(path)))
+        if image_codec != "png":
+            return encode_image(parse_png(data, str(path)), image_codec)
     elif extension == "verts.bin":
         parse_vertices(data, str(path))
     else:
@@ -347,8 +347,9 @@ def ingest(
         progress: counters to update (a caller may poll them from another thread).
         cancel: set it to stop at the next sample; published shards stay.
         on_sample: called after each sample (for progress bars).
-        image_codec: how images are stored: ``"png"`` (the release's bytes, default) or
-            ``"delta-zstd"`` (lossless, faster to decode; shards/codecs.py).
+        image_codec: how images are stored: ``"png"`` (the release's bytes, default),
+            ``"delta-zstd"`` (lossless, faster to decode) or ``"delta-rice"`` (lossless, decoded
+            on the GPU); shards/codecs.py.
 
     Returns:
         The complete manifest, also saved as ``manifest.json``.

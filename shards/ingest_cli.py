@@ -1,6 +1,6 @@
 """``multiface ingest``, ``multiface verify`` and ``multiface status``.
 
-multiface ingest ENTITY_DIR --out SHARD_DIR [--workers N] [--shard-size SIZE] [--image-codec png|delta-zstd]
+multiface ingest ENTITY_DIR --out SHARD_DIR [--workers N] [--shard-size SIZE] [--image-codec png|delta-zstd|delta-rice]
 multiface verify SHARD_DIR/<entity>
 multiface status ENTITY_DIR [--json]
 """
@@ -44,7 +44,8 @@ def register_ingest(subparsers: argparse._SubParsersAction) -> None:
         choices=IMAGE_CODECS,
         default="png",
         help="how images are stored: png = the release's bytes (default); delta-zstd = lossless, "
-        "decodes about 4x faster, needs the zstandard package (see shards/README.md)",
+        "decodes about 4x faster, needs the zstandard package; delta-rice = lossless, decoded on "
+        "the trainer's GPU (see shards/README.md)",
     )
     parser.set_defaults(func=run_ingest)
 

@@ -178,7 +178,8 @@ _HELP = {
     "keeps the losses within noise (BENCHMARKS.md)",
     "compile": "torch.compile the training forward: '' (eager, default) or a mode such as 'default'",
     "gpu_normalise": "data workers return the stored uint8 images; flip, mask, normalise and resize run on the "
-    "training device (trainer.gpu_decode), giving the same fields with less CPU per sample",
+    "training device (trainer.gpu_decode), giving the same fields with less CPU per sample; delta-rice shards "
+    "are decoded there too (trainer.gpu_rice)",
     "bf16": "bfloat16 autocast of the training forward (CUDA only; evaluation stays fp32)",
     "loader": "how training batches reach the device: 'processes' (DataLoader workers, pin_memory) or 'ring' "
     "(the same workers write into shared page-locked buffers, trainer.feeder; 4-6x the batch transfer rate on an "

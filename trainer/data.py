@@ -12,7 +12,9 @@ manifest and every rank runs the same number of steps with any shard count.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import itertools
 import os
 import random
 import sys
@@ -175,6 +177,51 @@ def slot_shards(
     return (order * repeats)[slot::num_slots]
 
 
+class _AheadFetcher:
+    """Verified shards in plan order, the next one fetched in a thread while this one is read.
+
+    The fetch (socket reads and sha256, both outside the GIL) overlaps the worker's decoding,
+    so a worker spends the longer of the two per shard rather than their sum; across epochs
+    too. Costs one more shard's spool per worker. ``next_epoch`` says which epoch the next
+    shard belongs to without waiting for it.
+    """
+
+    def __init__(
+        self, open_verified: Callable[[ShardEntry], BinaryIO], plan: Iterator[tuple[int, ShardEntry]]
+    ):
+        self._open = open_verified
+        self._plan = plan
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
+        self._next = self._submit()
+
+    def _submit(self) -> tuple[int, ShardEntry, concurrent.futures.Future]:
+        epoch, shard = next(self._plan)
+        return epoch, shard, self._pool.submit(self._open, shard)
+
+    def next_epoch(self) -> int:
+        return self._next[0]
+
+    def take(self) -> tuple[ShardEntry, concurrent.futures.Future]:
+        """The next shard and its fetch (``result()`` waits; raises what the fetch raised)."""
+        _, shard, fetch = self._next
+        self._next = self._submit()
+        return shard, fetch
+
+    def __enter__(self) -> _AheadFetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fetch = self._next[2]
+        if not fetch.cancel():
+            fetch.add_done_callback(_close_result)  # a stream stopped early: drop the shard read ahead
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_result(fetch: concurrent.futures.Future) -> None:
+    if not fetch.cancelled() and fetch.exception() is None:
+        fetch.result().close()
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless, epoch-by-epoch stream of decoded samples for one rank.
 
@@ -238,11 +285,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _verified_streams(self, epoch: int) -> Iterator[dict]:
-        slot, num_slots = self._slot()
-        for shard in slot_shards(self.shards, epoch, self.seed, slot, num_slots):
+    def _verified_streams(self, fetcher: _AheadFetcher, epoch: int) -> Iterator[dict]:
+        """This slot's verified shards of ``epoch`` (a refused one is reported and skipped)."""
+        while fetcher.next_epoch() == epoch:
+            shard, fetch = fetcher.take()
             try:
-                stream = self.source.open_verified(shard)
+                stream = fetch.result()
             except IntegrityError as error:
                 # Refused, reported, never trained on; the other shards go on.
                 self.refused.append(shard.name)
@@ -267,10 +315,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         # The buffer never needs to outgrow one slot's share of an epoch: on a small split a
         # full-size buffer would only re-read the same shards before the first sample.
         buffer_size = max(1, min(self.shuffle_buffer, self.num_samples // num_slots))
+        plan = (
+            (epoch, shard)
+            for epoch in itertools.count(self.start_epoch)
+            for shard in slot_shards(self.shards, epoch, self.seed, slot, num_slots)
+        )
+        with _AheadFetcher(self.source.open_verified, plan) as fetcher:
+            yield from self._epochs(fetcher, cameras, rng, buffer_size)
+
+    def _epochs(
+        self, fetcher: _AheadFetcher, cameras: tuple[str, ...] | None, rng: random.Random, buffer_size: int
+    ) -> Iterator[dict]:
         buffer: list[dict] = []
         epoch = self.start_epoch
         while True:
-            files = verified_members(self._verified_streams(epoch), self._keep_member)
+            files = verified_members(self._verified_streams(fetcher, epoch), self._keep_member)
             taken = 0
             for sample in group_by_keys(files):
                 key = SampleKey.from_key(sample["__key__"])

@@ -12,7 +12,8 @@ once. It decodes a batch's images straight into its next slot (zstd into memory 
 mapped is about twice as fast as into fresh memory) and sends only the slot number and the
 small non-array fields. The training process maps each worker's buffers once (the first message
 carries them), page-locks them with ``cudaHostRegister`` and copies a slot to the GPU with one
-non-blocking copy per field. No per-batch page faults, no second host copy.
+non-blocking copy per field, on a stream of its own so that the copy overlaps the previous
+step's kernels. No per-batch page faults, no second host copy.
 
 Slot reuse is safe by construction: DataLoader hands a worker a new task each time the
 training process receives one of its batches, tasks are dispatched and received round-robin
@@ -134,6 +135,9 @@ class RingBatches:
             prefetch_factor=prefetch,
             pin_memory=False,
         )
+        # Copies run on their own stream so that they overlap the training step's kernels (on
+        # the step's stream they would wait for them: about 4-5 ms per batch of 16 on an H200).
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._rings: dict[int, dict[str, torch.Tensor]] = {}
         self._registered: list[torch.Tensor] = []
         self._iterator: Iterator | None = None
@@ -164,14 +168,31 @@ class RingBatches:
                 self._map(message["worker"], message["rings"])
             rings = self._rings[message["worker"]]
             batch = dict(message["rest"])
-            for name in message["fields"]:
-                source = rings[name][message["slot"]]
-                batch[name] = source.to(self.device, non_blocking=True) if self._cuda else source.clone()
+            sources = {name: rings[name][message["slot"]] for name in message["fields"]}
             if self._cuda:
-                event = torch.cuda.Event()
-                event.record()
-                copies.append(event)
+                # The small collated tensors too (camera indices): from pageable memory a copy
+                # would first wait for every kernel queued on the training stream.
+                sources.update(
+                    {name: value.pin_memory() for name, value in batch.items() if torch.is_tensor(value)}
+                )
+                batch.update(self._copy(sources, copies))
+            else:
+                batch.update({name: source.clone() for name, source in sources.items()})
             yield batch
+
+    def _copy(self, sources: dict[str, torch.Tensor], copies: collections.deque) -> dict[str, torch.Tensor]:
+        """Copy a slot to the device on the copy stream; the consumer's stream waits for it."""
+        consumer = torch.cuda.current_stream(self.device)
+        assert self._copy_stream is not None
+        with torch.cuda.stream(self._copy_stream):
+            copied = {name: source.to(self.device, non_blocking=True) for name, source in sources.items()}
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        consumer.wait_event(event)
+        for tensor in copied.values():
+            tensor.record_stream(consumer)  # freed memory is reused only after the consumer's use
+        copies.append(event)
+        return copied
 
     def close(self) -> None:
         """Stop the workers and unpin their buffers."""

@@ -2,7 +2,8 @@
 ``shards.decode.decode_sample``, done once per batch on the GPU instead of per sample on the CPU.
 
 With ``ShardStream(device_finish=True)`` the DataLoader workers only decompress images
-(``shards.decode.decode_stored``: uint8, as stored; ``delta-zstd`` images still row-filtered)
+(``shards.decode.decode_stored``: uint8, as stored; ``delta-zstd`` images still row-filtered,
+``delta-rice`` images still packed, decoded here by ``trainer.gpu_rice``)
 and the batch crosses pinned memory and PCIe as uint8, a quarter of the float32 bytes.
 :func:`undo_up_filter` restores the pixels of a row-filtered batch on the device. After ``to_device``, :func:`finish_on_device`
 flips, masks, normalises and (only when ``tex_size`` differs from the stored side) resizes, and
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as functional
 
-from shards.decode import ROW_FILTER_FIELD, EntityMetadata
+from shards.decode import IMAGE_SHAPES_FIELD, ROW_FILTER_FIELD, EntityMetadata, packed_shapes
 
 IMAGE_FIELDS = ("photo", "tex", "avg_tex")
 
@@ -34,6 +35,13 @@ class TextureStatistics:
 
     texmean: torch.Tensor
     texstd: torch.Tensor
+    byte_max: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # 255 as a device tensor, made once: photo / 255 is then IEEE division, as numpy's, and
+        # no batch pays a host-to-device copy (from pageable memory that waits for the GPU).
+        if self.byte_max is None:
+            self.byte_max = torch.tensor(255.0, dtype=torch.float32, device=self.texstd.device)
 
     @classmethod
     def build(cls, meta: EntityMetadata, device: torch.device) -> TextureStatistics:
@@ -87,6 +95,23 @@ def undo_up_filter(images: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(images, dim=1, dtype=torch.int32).bitwise_and_(255).to(torch.uint8)
 
 
+def unpack_rice(batch: dict, filters: list[str], shapes: list[str] | None) -> None:
+    """Decode a batch's packed ``delta-rice`` images in place (``trainer.gpu_rice``).
+
+    Every sample of the batch must be packed and of one shape per image (one manifest holds
+    one image form, and a batch of packed images of different sizes cannot be collated).
+    """
+    from trainer.gpu_rice import decode_batch
+
+    if shapes is None or any(kind != "rice" for kind in filters) or len(set(shapes)) != 1:
+        raise ValueError(
+            "a batch mixing delta-rice samples with other forms or image sizes: "
+            f"forms {sorted(set(filters))}, shapes {sorted(set(shapes or []))}"
+        )
+    for name, shape in packed_shapes(shapes[0]).items():
+        batch[name] = decode_batch(batch[name], shape)
+
+
 def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> dict:
     """Turn a batch of ``decode_stored`` samples into ``decode_sample``'s fields, in place.
 
@@ -100,8 +125,11 @@ def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> di
         ``batch`` with ``tex``, ``avg_tex`` (N, 3, S, S) float32 normalised, ``mask``
         (N, 3, S, S) float32 (present when ``tex`` is) and ``photo`` (N, H, W, 3) float32 in [0, 1].
     """
-    filters = batch.pop(ROW_FILTER_FIELD, None)  # per sample "up" or "none" (host strings)
-    if filters is not None and "up" in filters:
+    filters = batch.pop(ROW_FILTER_FIELD, None)  # per sample "up", "rice" or "none" (host strings)
+    shapes = batch.pop(IMAGE_SHAPES_FIELD, None)
+    if filters is not None and "rice" in filters:
+        unpack_rice(batch, filters, shapes)
+    elif filters is not None and "up" in filters:
         rows = [index for index, kind in enumerate(filters) if kind == "up"]
         for name in IMAGE_FIELDS:
             if name in batch:
@@ -117,8 +145,5 @@ def finish_on_device(batch: dict, stats: TextureStatistics, tex_size: int) -> di
         batch["tex"], unseen = normalise_textures(batch["tex"], stats, tex_size)
         batch["mask"] = 1.0 - unseen
     if "photo" in batch:
-        photo = batch["photo"]
-        batch["photo"] = photo.to(torch.float32) / torch.tensor(
-            255.0, dtype=torch.float32, device=photo.device
-        )
+        batch["photo"] = batch["photo"].to(torch.float32) / stats.byte_max
     return batch

@@ -265,6 +265,12 @@ class Trainer:
                 f"test: {self.num_test} samples in {len(self.test_shards)} shards; "
                 f"{self.steps_per_epoch} steps per epoch on {env.world_size} rank(s), device {env.device}"
             )
+            if self.source.manifest.image_codec == "delta-rice" and not config.gpu_normalise:
+                print(
+                    "note: these shards store delta-rice images, made for decoding on the GPU; without "
+                    "--gpu_normalise the data workers decode them on the CPU (slowly)",
+                    flush=True,
+                )
         train_loader = self._loader("train", config.train_batch_size, self.epoch)
         batches = iter(train_loader)
         previous = {name: math.inf for name in ("total_loss", "vert_loss", "kl")}

@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset
 
+from shards import rice
 from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, decode_stored
 from shards.errors import IntegrityError
 from shards.ingest import ingest
@@ -20,7 +21,7 @@ pytest.importorskip("zstandard")
 TEX = 64  # the small entity's texture side (tests/conftest.py)
 
 
-@pytest.fixture(scope="module", params=["png", "delta-zstd"])
+@pytest.fixture(scope="module", params=["png", "delta-zstd", "delta-rice"])
 def shard_folder(request, entity_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"shards-{request.param}")
     ingest(entity_cache, root, shard_size=10**9, workers=2, image_codec=request.param)
@@ -44,10 +45,12 @@ def test_device_finish_equals_decode_sample(shard_folder, size):
     samples = _samples(shard_folder)[:4]
     stored = _collate([decode_stored(sample, meta, ALL_FIELDS, keep_row_filter=True) for sample in samples])
     assert stored["tex"].dtype == torch.uint8 and "mask" not in stored
-    form = "up" if "photo.dzst" in samples[0] else "none"
+    form = {"photo.dzst": "up", "photo.drc": "rice"}.get(
+        next(name for name in samples[0] if name.startswith("photo.")), "none"
+    )
     assert stored["image_filter"] == [form] * len(samples)
     batch = finish_on_device(stored, TextureStatistics.build(meta, torch.device("cpu")), size)
-    assert "image_filter" not in batch
+    assert "image_filter" not in batch and "image_shapes" not in batch
     reference = _collate([decode_sample(sample, meta, size) for sample in samples])
     for name in ("tex", "avg_tex", "mask", "photo"):
         assert batch[name].dtype == torch.float32 and batch[name].shape == reference[name].shape, name
@@ -69,9 +72,14 @@ def test_stream_with_device_finish_yields_stored_images(shard_folder):
     fields = ("tex", "avg_tex", "mask", "photo", "aligned_verts", "cam")
     stream = ShardStream(source, shards, count, split, "train", 0, 1, TEX, fields, device_finish=True)
     sample = next(iter(stream))
-    assert sample["photo"].dtype == np.uint8 and sample["tex"].shape == (TEX, TEX, 3)
+    codec = source.manifest.image_codec
+    if codec == "delta-rice":  # packed bytes, decoded on the device (trainer.gpu_rice)
+        assert sample["tex"].dtype == np.uint8 and sample["tex"].shape == (rice.capacity(TEX, TEX, 3),)
+        assert f"tex={TEX}x{TEX}x3" in sample["image_shapes"].split()
+    else:
+        assert sample["photo"].dtype == np.uint8 and sample["tex"].shape == (TEX, TEX, 3)
     assert "mask" not in sample and sample["aligned_verts"].dtype == np.float32
-    assert sample["image_filter"] == ("up" if source.manifest.image_codec == "delta-zstd" else "none")
+    assert sample["image_filter"] == {"delta-zstd": "up", "delta-rice": "rice"}.get(codec, "none")
 
 
 def test_undo_up_filter_is_exact_and_a_mixed_batch_is_unfiltered_per_sample():
