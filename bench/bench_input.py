@@ -100,17 +100,22 @@ def _median_ms(function, repeats: int = 7) -> float:
     return 1000.0 * float(np.median(times))
 
 
-def codec_rows(entity: Path, noise: float) -> list[str]:
-    from PIL import Image
-
-    cv2.setNumThreads(1)
+def _sample_images(entity: Path) -> tuple[tuple[str, Path], tuple[str, Path]]:
+    """One photo and one per-view texture of the entity's first expression."""
     expression = next((entity / "images").iterdir()).name
     photo = sorted((entity / "images" / expression).rglob("*.png"))[0]
     texture = sorted(
         p for p in (entity / "unwrapped_uv_1024" / expression).rglob("*.png") if "average" not in str(p)
     )[0]
+    return ("photo", photo), ("texture", texture)
+
+
+def codec_rows(entity: Path, noise: float) -> list[str]:
+    from PIL import Image
+
+    cv2.setNumThreads(1)
     rows = []
-    for kind, path in (("photo", photo), ("texture", texture)):
+    for kind, path in _sample_images(entity):
         data = path.read_bytes()
         pixels = decode_png(data, str(path))
         encoded = encode_dzst(pixels)
@@ -136,13 +141,8 @@ def rice_rows(entity: Path, noise: float, device, batch: int) -> list[str]:
     from trainer.gpu_decode import undo_up_filter
     from trainer.gpu_rice import decode_batch
 
-    expression = next((entity / "images").iterdir()).name
-    photo = sorted((entity / "images" / expression).rglob("*.png"))[0]
-    texture = sorted(
-        p for p in (entity / "unwrapped_uv_1024" / expression).rglob("*.png") if "average" not in str(p)
-    )[0]
     rows = []
-    for kind, path in (("photo", photo), ("texture", texture)):
+    for kind, path in _sample_images(entity):
         pixels = decode_png(path.read_bytes(), str(path))
         encoded = rice.encode(pixels)
         assert np.array_equal(rice.decode(encoded, "drc"), pixels)

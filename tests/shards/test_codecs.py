@@ -1,5 +1,6 @@
 """The stored image forms: ``delta-zstd`` round-trips bit-exact, refuses corrupt bytes by name,
-and a ``--image-codec delta-zstd`` ingest decodes to exactly the fields of the PNG ingest."""
+and a ``--image-codec delta-zstd`` or ``delta-rice`` ingest decodes to exactly the fields of the
+PNG ingest (``delta-rice`` itself: test_rice.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from shards.codecs import decode_dzst, decode_image, decode_png, decompress_dzst, encode_dzst
+from shards.codecs import EXTENSIONS, decode_dzst, decode_image, decode_png, decompress_dzst, encode_dzst
 from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, decode_stored
 from shards.errors import FormatError
 from shards.ingest import ingest
@@ -123,22 +124,25 @@ def _samples(folder):
     return {sample["__key__"]: sample for sample in webdataset.WebDataset(urls, shardshuffle=False)}
 
 
-@pytest.fixture
-def two_forms(entity, tmp_path):
+@pytest.fixture(params=["delta-zstd", "delta-rice"])
+def two_forms(request, entity, tmp_path):
+    """(PNG shard folder, folder of the same entity in a lossless fast form)."""
     ingest(entity, tmp_path / "png", shard_size=10**9, workers=2)
-    ingest(entity, tmp_path / "dzst", shard_size=10**9, workers=2, image_codec="delta-zstd")
-    return tmp_path / "png" / entity.name, tmp_path / "dzst" / entity.name
+    ingest(entity, tmp_path / "fast", shard_size=10**9, workers=2, image_codec=request.param)
+    return tmp_path / "png" / entity.name, tmp_path / "fast" / entity.name
 
 
 @pytest.mark.parametrize("size", [64, 32])
 def test_fast_form_decodes_to_exactly_the_png_fields(two_forms, size):
-    """Pins bit-exact equality of every reference field between the two stored forms."""
+    """Pins bit-exact equality of every reference field between the PNG and each lossless form."""
     png, dzst = two_forms
+    extension = EXTENSIONS[load_manifest(dzst).image_codec]
     meta = EntityMetadata.from_shard_folder(png)
     png_samples, dzst_samples = _samples(png), _samples(dzst)
     assert set(png_samples) == set(dzst_samples) and png_samples
     for key, sample in dzst_samples.items():
-        assert {"photo.dzst", "tex.dzst", "avg_tex.dzst"} <= set(sample) and "photo.png" not in sample
+        assert {f"{name}.{extension}" for name in ("photo", "tex", "avg_tex")} <= set(sample)
+        assert "photo.png" not in sample
         fast = decode_sample(sample, meta, size)
         reference = decode_sample(png_samples[key], meta, size)
         assert set(fast) == set(reference) == set(ALL_FIELDS)
@@ -157,9 +161,10 @@ def test_fast_form_manifest_and_verify(two_forms):
     """Pins the manifest field: "image_codec" recorded for the fast form, absent (PNG) otherwise,
     and both folders verify against their sha256."""
     png, dzst = two_forms
+    codec = json.loads((dzst / MANIFEST_NAME).read_text())["image_codec"]
     assert "image_codec" not in json.loads((png / MANIFEST_NAME).read_text())
-    assert json.loads((dzst / MANIFEST_NAME).read_text())["image_codec"] == "delta-zstd"
-    assert load_manifest(dzst).image_codec == "delta-zstd" and load_manifest(png).image_codec == "png"
+    assert codec in ("delta-zstd", "delta-rice")
+    assert load_manifest(dzst).image_codec == codec and load_manifest(png).image_codec == "png"
     assert verify_folder(png).ok and verify_folder(dzst).ok
 
 
