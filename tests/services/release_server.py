@@ -115,6 +115,21 @@ def build_release(
     return folder
 
 
+def download_config(source: Path, expressions: list[str], **changes: object) -> dict:
+    """The reference download config selecting ``source``'s entity and ``expressions``, with
+    image, mesh, texture and metadata tars and no audio; ``changes`` override any key."""
+    config = {
+        "entity": [source.name.split("--")[3]],
+        "image": True,
+        "mesh": True,
+        "texture": True,
+        "metadata": True,
+        "audio": False,
+        "expression": expressions,
+    }
+    return config | changes
+
+
 def write_checksum(folder: Path) -> None:
     """Rewrite ``CHECKSUM`` with the md5 of every tar in the folder, ``md5sum`` style."""
     lines = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(folder.glob("*.tar"))]

@@ -19,6 +19,7 @@ from release_server import (
     ReleaseServer,
     build_release,
     corrupt_tar,
+    download_config,
     hostile_tar,
     write_checksum,
 )
@@ -78,17 +79,7 @@ def server(tmp_path: Path, source: Path):
 
 
 def config_for(source: Path, **changes: object) -> dict:
-    config = {
-        "entity": [source.name.split("--")[3]],
-        "image": True,
-        "mesh": True,
-        "texture": True,
-        "metadata": True,
-        "audio": True,
-        "expression": list(EXPRESSIONS),
-    }
-    config.update(changes)
-    return config
+    return download_config(source, list(EXPRESSIONS), **({"audio": True} | changes))
 
 
 def run(source: Path, server: ReleaseServer, dest: Path, **changes: object):

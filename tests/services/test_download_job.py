@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from release_server import ReleaseServer, build_release, corrupt_tar
+from release_server import ReleaseServer, build_release, corrupt_tar, download_config
 from service_harness import ADMIN_TOKEN, READ_TOKEN, LiveServer, settings_for, wait_for, wait_job
 
 MESH_TAR = "tracked_mesh--E057_Cheeks_Puffed.tar"
@@ -54,16 +54,7 @@ def roots(tmp_path: Path) -> tuple[Path, Path]:
 def config_for(source: Path, **changes: object) -> dict:
     """The reference config selecting every tar of the entity's release (it has no audio)."""
     expressions = sorted(path.name for path in (source / "images").iterdir())
-    config = {
-        "entity": [source.name.split("--")[3]],
-        "image": True,
-        "mesh": True,
-        "texture": True,
-        "metadata": True,
-        "audio": False,
-        "expression": expressions,
-    }
-    return config | changes
+    return download_config(source, expressions, **changes)
 
 
 def tree(root: Path) -> dict[str, bytes]:
