@@ -278,7 +278,10 @@ class Loader:
         if self.ring:
             from trainer.feeder import RingBatches
 
-            self.loader = RingBatches(stream, args.batch, workers, device, prefetch=args.prefetch)
+            finish = self._finish if self.stats is not None else None
+            self.loader = RingBatches(
+                stream, args.batch, workers, device, prefetch=args.prefetch, finish=finish
+            )
         else:
             self.loader = torch.utils.data.DataLoader(
                 stream, batch_size=args.batch, num_workers=workers, pin_memory=device.type == "cuda",
@@ -286,16 +289,21 @@ class Loader:
             )  # fmt: skip
         self.iterator = iter(self.loader)
 
-    def next(self) -> dict:
+    def _finish(self, batch: dict) -> dict:
         from trainer.gpu_decode import finish_on_device
+
+        return finish_on_device(batch, self.stats, self.tex_size) if self.device.type == "cuda" else batch
+
+    def next(self) -> dict:
+        """The next batch as trainer.loop takes it (the ring copies and finishes it one batch ahead)."""
         from trainer.step import to_device
 
         batch = next(self.iterator)
+        if self.ring:
+            return batch
         if self.device.type == "cuda":
             batch = to_device(batch, self.device)
-        if self.stats is not None and self.device.type == "cuda":
-            batch = finish_on_device(batch, self.stats, self.tex_size)
-        return batch
+        return self._finish(batch) if self.stats is not None else batch
 
     def pids(self) -> list[int]:
         inner = self.loader._iterator if self.ring else self.iterator

@@ -33,9 +33,13 @@ from shards.decode import ALL_FIELDS, EntityMetadata, decode_sample, decode_stor
 from shards.errors import IntegrityError
 from shards.manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, parse_manifest
 from shards.samples import DEFAULT_TEST_PREFIXES, SampleKey, select_expressions
+from trainer.shard_buffer import BufferPool, ShardBuffer
 
 TOKEN_ENV = "MULTIFACE_TOKEN"
 SPOOL_BYTES = 64 << 20
+MEMORY_SHARD_BYTES = 512 << 20
+"""Shards up to this size stream through two reused memory buffers per data worker
+(``trainer.shard_buffer``); larger ones through temporary files."""
 
 
 class ShardSource:
@@ -74,31 +78,54 @@ class ShardSource:
         path = Path(self.base) / MANIFEST_NAME
         return parse_manifest(path.read_bytes(), str(path))
 
-    def open_verified(self, entry: FileEntry) -> BinaryIO:
-        """The file's bytes after its size and sha256 matched the manifest, positioned at 0."""
-        spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
+    def open_verified(self, entry: FileEntry, buffer: ShardBuffer | None = None) -> BinaryIO:
+        """The file's bytes after its size and sha256 matched the manifest, positioned at 0.
+
+        Args:
+            entry: the manifest's entry for the file.
+            buffer: a closed :class:`ShardBuffer` to read into when the file is at most
+                ``MEMORY_SHARD_BYTES`` (it is returned, open; closing it releases it); larger
+                files, or none given, go to a temporary file spooled to disk past 64 MB (the
+                buffer is then released at once).
+        """
+        spool: BinaryIO
+        if buffer is not None and entry.bytes <= MEMORY_SHARD_BYTES:
+            spool = buffer.open(entry.bytes)  # type: ignore[assignment]
+        else:
+            if buffer is not None:
+                buffer.release()
+            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
+        try:
+            self._read_verified(entry, spool)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    def _read_verified(self, entry: FileEntry, spool: BinaryIO) -> None:
         if self.remote:
             from shards.remote import fetch_file
 
             fetch_file(
                 self.base, entry.name, spool, entry, token=self.token, stall_timeout=self.stall_timeout
             )
-        else:
-            digest = hashlib.sha256()
-            with open(Path(self.base) / entry.name, "rb") as handle:
+            return
+        digest = hashlib.sha256()
+        with open(Path(self.base) / entry.name, "rb") as handle:
+            if isinstance(spool, ShardBuffer):
+                spool.fill(handle, digest)
+            else:
                 while chunk := handle.read(1 << 20):
                     digest.update(chunk)
                     spool.write(chunk)
-            size = spool.tell()
-            if size != entry.bytes or digest.hexdigest() != entry.sha256:
-                spool.close()
-                raise IntegrityError(
-                    f"{self.base}/{entry.name}: {size} bytes with sha256 {digest.hexdigest()}, "
-                    f"manifest says {entry.bytes} bytes, {entry.sha256}; refusing this shard "
-                    "(re-ingest it, or run 'multiface verify')"
-                )
-        spool.seek(0)
-        return spool
+        size = spool.tell()
+        if size != entry.bytes or digest.hexdigest() != entry.sha256:
+            raise IntegrityError(
+                f"{self.base}/{entry.name}: {size} bytes with sha256 {digest.hexdigest()}, "
+                f"manifest says {entry.bytes} bytes, {entry.sha256}; refusing this shard "
+                "(re-ingest it, or run 'multiface verify')"
+            )
 
     def metadata(self) -> EntityMetadata:
         files = {}
@@ -121,9 +148,14 @@ def verified_members(streams: Iterator[dict], keep: Callable[[str], bool]) -> It
             for member in archive:
                 if not member.isreg() or not keep(member.name):
                     continue
-                handle = archive.extractfile(member)
-                assert handle is not None  # a regular file always has one
-                yield {"fname": member.name, "data": handle.read(), "__url__": item["url"]}
+                # Straight from the member's offset: one copy (extractfile's reader makes three).
+                stream.seek(member.offset_data)
+                data = stream.read(member.size)
+                if len(data) != member.size:
+                    raise IntegrityError(
+                        f"{item['url']}: member {member.name} ends past the end of the shard"
+                    )
+                yield {"fname": member.name, "data": data, "__url__": item["url"]}
             archive.members = []  # the random-access mode keeps every header otherwise
 
 
@@ -182,21 +214,24 @@ class _AheadFetcher:
 
     The fetch (socket reads and sha256, both outside the GIL) overlaps the worker's decoding,
     so a worker spends the longer of the two per shard rather than their sum; across epochs
-    too. Costs one more shard's spool per worker. ``next_epoch`` says which epoch the next
-    shard belongs to without waiting for it.
+    too. Costs one more shard's memory per worker (a second reused buffer). ``next_epoch``
+    says which epoch the next shard belongs to without waiting for it.
     """
 
     def __init__(
-        self, open_verified: Callable[[ShardEntry], BinaryIO], plan: Iterator[tuple[int, ShardEntry]]
+        self,
+        open_verified: Callable[[ShardEntry, ShardBuffer], BinaryIO],
+        plan: Iterator[tuple[int, ShardEntry]],
     ):
         self._open = open_verified
         self._plan = plan
+        self._buffers = BufferPool()  # the shard read and the shard arriving: two, reused
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
         self._next = self._submit()
 
     def _submit(self) -> tuple[int, ShardEntry, concurrent.futures.Future]:
         epoch, shard = next(self._plan)
-        return epoch, shard, self._pool.submit(self._open, shard)
+        return epoch, shard, self._pool.submit(self._open, shard, self._buffers.lend())
 
     def next_epoch(self) -> int:
         return self._next[0]

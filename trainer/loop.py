@@ -154,7 +154,8 @@ class Trainer:
         workers = self.config.n_worker
         pin = self.env.device.type == "cuda"
         if part == "train" and workers > 0 and self.config.loader_kind(self.env.device) == "ring":
-            return RingBatches(stream, batch_size, workers, self.env.device, prefetch=2)
+            finish = self._finish if self.texture_stats is not None else None
+            return RingBatches(stream, batch_size, workers, self.env.device, prefetch=2, finish=finish)
         return torch.utils.data.DataLoader(
             stream,
             batch_size=batch_size,
@@ -167,9 +168,11 @@ class Trainer:
     def _batch(self, batch: dict) -> dict:
         """Move a batch to the device, finishing the texture treatment there with --gpu_normalise."""
         batch = to_device(batch, self.env.device)
-        if self.texture_stats is not None:
-            batch = finish_on_device(batch, self.texture_stats, self.config.tex_size)
-        return batch
+        return self._finish(batch) if self.texture_stats is not None else batch
+
+    def _finish(self, batch: dict) -> dict:
+        assert self.texture_stats is not None
+        return finish_on_device(batch, self.texture_stats, self.config.tex_size)
 
     def _state(self) -> dict:
         return {
@@ -273,6 +276,8 @@ class Trainer:
                 )
         train_loader = self._loader("train", config.train_batch_size, self.epoch)
         batches = iter(train_loader)
+        # The ring hands batches over already on the device and finished (RingBatches' finish).
+        ready = isinstance(train_loader, RingBatches)
         previous = {name: math.inf for name in ("total_loss", "vert_loss", "kl")}
         window: dict[str, float] = {}
         bar = tqdm(
@@ -280,7 +285,7 @@ class Trainer:
         )
         started = time.monotonic()
         while self.step < last_steps:
-            batch = self._batch(next(batches))
+            batch = next(batches) if ready else self._batch(next(batches))
             losses, outputs = run_net(
                 self.train_module,
                 batch,

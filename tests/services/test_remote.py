@@ -54,6 +54,27 @@ def test_fetch_resumes_with_range_and_if_range_after_resets(session_server, synt
     assert not list(tmp_path.glob(".*.part"))
 
 
+def test_fetch_into_a_reused_shard_buffer_resumes_and_holds_exactly_the_shard(
+    session_server, synthetic, entity_name
+):
+    """Pins the trainer's memory path (trainer.shard_buffer): a buffer that held a larger file
+    before receives a shard through connection resets (Range resumes write at the byte reached)
+    and then holds exactly that shard, no byte of the old file after its end."""
+    from trainer.shard_buffer import ShardBuffer
+
+    shard = max(synthetic.shards, key=lambda entry: entry.bytes)
+    buffer = ShardBuffer()
+    with buffer.open(shard.bytes + 50_000) as old:
+        old.write(b"\xff" * (shard.bytes + 50_000))
+    with FaultProxy(session_server.port, [("reset", 30_000), ("reset", 30_000)]) as proxy:
+        with buffer.open(shard.bytes) as handle:
+            fetch_file(base(proxy.url, entity_name), shard.name, handle, shard, stall_timeout=5, retries=2)
+            assert handle.tell() == shard.bytes
+            handle.seek(0)
+            assert sha256_of(handle.read()) == shard.sha256
+    assert len(proxy.requests) == 3
+
+
 def test_stalled_body_raises_within_the_stall_timeout(session_server, synthetic, entity_name):
     """Pins row 12: a server that stops sending mid-body must make the client raise within its
     stall timeout (per attempt), not block until NCCL's 10-minute watchdog."""

@@ -26,8 +26,8 @@ class _RecordingSource(ShardSource):
         self.spools: list = []
         self.lock = threading.Lock()
 
-    def open_verified(self, entry):
-        spool = super().open_verified(entry)
+    def open_verified(self, entry, buffer=None):
+        spool = super().open_verified(entry, buffer)
         if not entry.name.startswith("shards/"):
             return spool
         with self.lock:

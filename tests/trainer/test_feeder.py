@@ -10,7 +10,7 @@ from shards.decode import ALL_FIELDS
 from shards.ingest import ingest
 from trainer.data import ShardSource, ShardStream, Split, select_shards
 from trainer.feeder import RingBatches
-from trainer.gpu_decode import unpack_rice
+from trainer.gpu_decode import TextureStatistics, finish_on_device, unpack_rice
 
 TEX = 64  # the small entity's texture side (tests/conftest.py)
 
@@ -78,3 +78,50 @@ def test_ring_needs_workers(shard_folder):
         RingBatches(
             _stream(shard_folder, device_finish=False), batch_size=2, workers=0, device=torch.device("cpu")
         )
+
+
+def _finished_pairs(folder, device: torch.device, count: int) -> list[tuple[dict, dict]]:
+    """(DataLoader batch finished on the CPU, ring batch finished by the ring on ``device``)."""
+    stream = _stream(folder, device_finish=True)
+    stats = TextureStatistics.build(stream.source.metadata(), torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2)
+    expected = []
+    for batch in loader:
+        expected.append(finish_on_device(batch, stats, TEX))
+        if len(expected) == count:
+            break
+    device_stats = TextureStatistics.build(stream.source.metadata(), device)
+    ring = RingBatches(
+        stream, batch_size=2, workers=2, device=device,
+        finish=lambda batch: finish_on_device(batch, device_stats, TEX),
+    )  # fmt: skip
+    received = []
+    try:
+        for batch in ring:
+            received.append(batch)  # all kept: a later batch must not overwrite an earlier one
+            if len(received) == count:
+                break
+        received = [{name: value.cpu() if torch.is_tensor(value) else value for name, value in batch.items()}
+                    for batch in received]  # fmt: skip
+    finally:
+        ring.close()
+    return list(zip(expected, received, strict=True))
+
+
+def test_ring_finishes_batches_like_the_loop_does(shard_folder):
+    """Pins the ring's ``finish``: on the CPU the ring's finished batches equal a DataLoader's
+    batches finished by ``finish_on_device`` afterwards (what trainer.loop did before)."""
+    for want, got in _finished_pairs(shard_folder, torch.device("cpu"), 10):
+        _assert_same(want, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("indexed", [True, False])
+def test_ring_copies_and_finishes_ahead_on_the_gpu(shard_folder, cuda_device, indexed):
+    """Pins the copy-stream path on CUDA: batches copied and finished on the ring's own stream
+    one batch ahead of the consumer are bit-equal to the CPU's finish of the same DataLoader
+    batches, in the same order, with every batch still held (slots and device memory reused
+    without corruption); for ``cuda:N`` and for a bare ``cuda``."""
+    device = cuda_device if indexed else torch.device("cuda")
+    for want, got in _finished_pairs(shard_folder, device, 12):
+        _assert_same(want, got)

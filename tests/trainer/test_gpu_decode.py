@@ -15,6 +15,7 @@ from shards.errors import IntegrityError
 from shards.ingest import ingest
 from trainer.data import ShardSource, ShardStream, Split, select_shards
 from trainer.gpu_decode import TextureStatistics, finish_on_device
+from trainer.shard_buffer import BufferPool
 
 pytest.importorskip("zstandard")
 
@@ -106,7 +107,9 @@ def test_undo_up_filter_is_exact_and_a_mixed_batch_is_unfiltered_per_sample():
 
 def test_tampered_fast_form_shard_is_refused(shard_folder, tmp_path):
     """Pins that the streaming path still checks sha256 per shard with either stored form: a
-    shard with one flipped byte is refused by ShardSource.open_verified before any sample is used."""
+    shard with one flipped byte is refused by ShardSource.open_verified before any sample is used,
+    read into a temporary file or into a worker's reused memory buffer (which is then released
+    for the next shard)."""
     import shutil
 
     folder = tmp_path / shard_folder.name
@@ -119,6 +122,11 @@ def test_tampered_fast_form_shard_is_refused(shard_folder, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match=entry.name):
         source.open_verified(entry)
+    pool = BufferPool()
+    lent = pool.lend()
+    with pytest.raises(IntegrityError, match=entry.name):
+        source.open_verified(entry, lent)
+    assert lent.closed and pool.lend() is lent
     split = Split(test_prefixes=())
     stream = ShardStream(source, [entry], entry.num_samples, split, "train", 0, 1, TEX, ("tex", "cam"))
     with pytest.raises(RuntimeError, match="no usable sample"):
