@@ -9,13 +9,15 @@ Data: a synthetic entity at the real size (2048 x 1334 photos, 1024 textures), o
 ``--noise`` grey levels added to every image (synthetic renders are far smoother than real
 photos: a noisy photo's PNG is about 4.4 MB, near a real one's, against 0.7 MB without), then
 ingested once per ``--forms``: ``--image-codec png`` (the release's bytes), ``delta-zstd`` and
-``delta-rice`` (decoded on the GPU by ``trainer.gpu_rice``).
+``delta-rice`` (decoded on the GPU by ``trainer.gpu_rice``); a form ending in ``+photos`` is
+ingested with ``--photo-shards`` (photos in companion shards), e.g. ``delta-rice+photos``.
 
 Parts (``--parts``):
 - codec: decode ms and bytes of one photo and one texture per stored form, one core; for
   delta-rice also the GPU decode of a batch (``--device cuda``).
 - loader: decoded samples/s of ``trainer.data.ShardStream`` in a DataLoader (batch 16, the screen-
-  loss fields) for every form x path (cpu: ``decode_sample`` in the workers; device: uint8
+  loss fields, and with ``--loader-fields screen,no-screen`` those without the photo too) for
+  every form x path (cpu: ``decode_sample`` in the workers; device: uint8
   ``decode_stored`` in the workers + ``finish_on_device``) x source (local folder; the data
   service ``multiface serve`` on a loopback port) x worker count, with CPU ms per sample of the
   loader's processes and of the server, bytes on the wire per sample and the workers' peak RSS.
@@ -267,7 +269,8 @@ class Loader:
 
         self.torch, self.device, self.path, self.tex_size = torch, device, path, tex_size
         source = ShardSource(location)
-        assert source.manifest.image_codec == form, (source.manifest.image_codec, form)
+        stored = (source.manifest.image_codec, source.manifest.photo_shards)
+        assert stored == (_codec(form), form.endswith("+photos")), (stored, form)
         self.manifest = source.manifest
         split = Split()
         shards, count = select_shards(source.manifest, split, "train")
@@ -315,8 +318,23 @@ class Loader:
         del self.iterator
 
 
-def measure_loader(location, form, path, workers, args, device, server_pid=None, kind="processes") -> dict:
-    loader = Loader(location, form, path, workers, args, device, SCREEN_FIELDS, kind=kind)
+def _codec(form: str) -> str:
+    """The image codec of a ``--forms`` entry (``delta-rice+photos`` -> ``delta-rice``)."""
+    return form.removesuffix("+photos")
+
+
+def _wire_mb(manifest, fields) -> float:
+    """Bytes a run with ``fields`` downloads per sample: shards, and photo shards if it reads photos."""
+    photos = "photo" in fields
+    total = sum(s.bytes + (s.photos.bytes if photos and s.photos else 0) for s in manifest.shards)
+    return total / max(1, manifest.num_samples) / 1e6
+
+
+def measure_loader(
+    location, form, path, workers, args, device, server_pid=None, kind="processes", fields=None
+) -> dict:
+    fields = fields or SCREEN_FIELDS
+    loader = Loader(location, form, path, workers, args, device, fields, kind=kind)
     for _ in range(max(1, workers)):  # the first round: start-up, first shard, shuffle buffer
         loader.next()
     if device.type == "cuda":
@@ -336,7 +354,7 @@ def measure_loader(location, form, path, workers, args, device, server_pid=None,
         "samples_per_s": samples / elapsed,
         "cpu_ms": 1000 * (cpu_seconds(pids) - cpu0) / samples,
         "server_cpu_ms": 1000 * (cpu_seconds(server) - server0) / samples if server else None,
-        "wire_mb": sum(s.bytes for s in loader.manifest.shards) / max(1, loader.manifest.num_samples) / 1e6,
+        "wire_mb": _wire_mb(loader.manifest, fields),
         "rss_mb": _peak_rss_mb(pids[1:]),
         "samples": samples,
     }
@@ -543,7 +561,16 @@ def main() -> int:
     parser.add_argument(
         "--parts", default=None, help="codec,loader,train (default: all that the device allows)"
     )
-    parser.add_argument("--forms", default=",".join(FORMS), help="stored forms: png,delta-zstd,delta-rice")
+    parser.add_argument(
+        "--forms",
+        default=",".join(FORMS),
+        help="stored forms: png,delta-zstd,delta-rice; +photos ingests with --photo-shards (delta-rice+photos)",
+    )
+    parser.add_argument(
+        "--loader-fields",
+        default="screen",
+        help="loader part: screen (the screen-loss fields) and/or no-screen (without the photo)",
+    )
     parser.add_argument(
         "--paths", default=",".join(PATHS), help="cpu (decode_sample) and/or device (finish_on_device)"
     )
@@ -610,6 +637,11 @@ def main() -> int:
     if unknown := set(args.loaders) - {"processes", "ring"}:
         parser.error(f"--loaders {','.join(sorted(unknown))}: expected processes and/or ring")
     args.forms = [form for form in args.forms.split(",") if form]
+    if unknown := {_codec(form) for form in args.forms} - set(FORMS):
+        parser.error(f"--forms {','.join(sorted(unknown))}: expected some of {','.join(FORMS)} (+photos)")
+    args.loader_fields = [name for name in args.loader_fields.split(",") if name]
+    if unknown := set(args.loader_fields) - {"screen", "no-screen"}:
+        parser.error(f"--loader-fields {','.join(sorted(unknown))}: expected screen and/or no-screen")
     args.paths = [path for path in args.paths.split(",") if path]
     parts = set(
         (args.parts or ("codec,loader,train" if device.type == "cuda" else "codec,loader")).split(",")
@@ -637,7 +669,8 @@ def main() -> int:
         root = work / f"shards-{form}"
         if not (root / entity.name / "manifest.json").is_file():
             started = time.monotonic()
-            ingest(entity, root, shard_size=args.shard_size, image_codec=form)
+            ingest(entity, root, shard_size=args.shard_size, image_codec=_codec(form),
+                   photo_shards=form.endswith("+photos"))  # fmt: skip
             print(f"ingest {form}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         folders[form] = root
 
@@ -654,7 +687,7 @@ def main() -> int:
                   "delta-zstd encode ms | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += codec_rows(entity, args.noise)
         print("\n".join(lines[-4:]), flush=True)
-        if "delta-rice" in args.forms:
+        if "delta-rice" in map(_codec, args.forms):
             lines += ["", f"### delta-rice: size, CPU encode and decode (one core), GPU decode of a batch of {args.batch}",
                       "", "| image | delta-rice MB | encode ms | CPU decode ms (numpy) | GPU decode ms / batch | "
                       "delta-zstd GPU row-filter undo ms / batch |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -673,24 +706,25 @@ def main() -> int:
                 locations[(form, "http")] = f"{base}/api/v1/entities/{entity.name}/manifest.json"
                 servers[form] = pid
         if "loader" in parts:
-            lines += ["", "### Loader alone: decoded samples/s (screen-loss fields, batches "
+            lines += ["", "### Loader alone: decoded samples/s (batches "
                       + ("on the GPU" if device.type == "cuda" else "in host memory") + ")", "",
-                      "| form | normalise on | source | workers | samples/s | loader CPU ms/sample | "
+                      "| form | fields | normalise on | source | workers | samples/s | loader CPU ms/sample | "
                       "server CPU ms/sample | wire MB/sample | workers' peak RSS MB |",
-                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for form in args.forms:
+                      "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for form, field_set in itertools.product(args.forms, args.loader_fields):
+                fields = SCREEN_FIELDS if field_set == "screen" else NO_SCREEN_FIELDS
                 for path in args.paths:
                     for source in sources:
                         for kind, workers in itertools.product(args.loaders, args.workers):
                             try:
                                 result = measure_loader(locations[(form, source)], form, path, workers, args,
                                                         device, servers.get(form) if source == "http" else None,
-                                                        kind)  # fmt: skip
+                                                        kind, fields)  # fmt: skip
                             except (
                                 RuntimeError,
                                 OSError,
                             ) as error:  # a worker killed: /dev/shm or RAM too small
-                                lines.append(f"| {form} | {path} | {source} | {workers} {kind} | failed: "
+                                lines.append(f"| {form} | {field_set} | {path} | {source} | {workers} {kind} | failed: "
                                              f"{str(error)[:160]} | | | | |")  # fmt: skip
                                 print(lines[-1], flush=True)
                                 continue
@@ -700,7 +734,8 @@ def main() -> int:
                                 else "-"
                             )
                             lines.append(
-                                f"| {form} | {'GPU' if path == 'device' else 'CPU'} | {source} | {workers} {kind} | "
+                                f"| {form} | {field_set} | {'GPU' if path == 'device' else 'CPU'} | {source} | "
+                                f"{workers} {kind} | "
                                 f"{result['samples_per_s']:.1f} | {result['cpu_ms']:.0f} | {server_ms} | "
                                 f"{result['wire_mb']:.2f} | {result['rss_mb']:.0f} |"
                             )

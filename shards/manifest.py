@@ -39,6 +39,13 @@ class ShardEntry(FileEntry):
     expressions: list[str] = field(default_factory=list)
     cameras: list[str] = field(default_factory=list)
     samples_per_camera: dict[str, int] = field(default_factory=dict)
+    photos: FileEntry | None = None
+    """The companion shard holding this shard's photos (``ingest --photo-shards``), else None."""
+
+
+def photo_shard_name(name: str) -> str:
+    """``shards/E057-000000.tar`` -> ``shards/E057-000000.photo.tar``: its photos' companion."""
+    return f"{name.removesuffix('.tar')}.photo.tar"
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     excluded: list[ExcludedSample] = field(default_factory=list)
     image_codec: str = "png"
+    photo_shards: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -73,6 +81,11 @@ class Manifest:
         if body["image_codec"] == "png":
             # Optional field: PNG manifests stay byte-identical to those of earlier versions.
             del body["image_codec"]
+        if not body["photo_shards"]:
+            del body["photo_shards"]  # optional too, and each shard's "photos" with it
+        for shard in body["shards"]:
+            if shard["photos"] is None:
+                del shard["photos"]
         body["shards"] = sorted(body["shards"], key=lambda shard: shard["name"])
         body["excluded"] = sorted(body["excluded"], key=lambda item: (item["key"], item["path"]))
         return {
@@ -102,16 +115,23 @@ class Manifest:
                 cameras=list(body["cameras"]),
                 expressions=list(body["expressions"]),
                 metadata=[FileEntry(**entry) for entry in body["metadata"]],
-                shards=[ShardEntry(**entry) for entry in body["shards"]],
+                shards=[_shard_entry(entry) for entry in body["shards"]],
                 excluded=[ExcludedSample(**entry) for entry in body["excluded"]],
                 image_codec=_image_codec(body, source),
+                photo_shards=bool(body.get("photo_shards", False)),
             )
         except (KeyError, TypeError) as error:
             raise FormatError(source, f"a complete manifest ({error})") from None
 
     def files(self) -> dict[str, FileEntry]:
-        """Every published file (metadata and shards) by name: the only names ever served."""
-        return {entry.name: entry for entry in [*self.metadata, *self.shards]}
+        """Every published file (metadata, shards, photo shards) by name: the only names ever served."""
+        photos = [shard.photos for shard in self.shards if shard.photos is not None]
+        return {entry.name: entry for entry in [*self.metadata, *self.shards, *photos]}
+
+
+def _shard_entry(entry: dict) -> ShardEntry:
+    photos = entry.get("photos")
+    return ShardEntry(**{**entry, "photos": FileEntry(**photos) if photos is not None else None})
 
 
 def _image_codec(body: dict, source: str) -> str:

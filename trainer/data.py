@@ -127,6 +127,25 @@ class ShardSource:
                 "(re-ingest it, or run 'multiface verify')"
             )
 
+    def open_shard(self, shard: ShardEntry, photos: bool, pool: BufferPool | None = None) -> dict:
+        """A verified shard for :func:`verified_members`: ``{"url", "stream", "photos"}``.
+
+        Args:
+            shard: the shard's manifest entry.
+            photos: the run reads photos: fetch the shard's photo companion too, if it has one
+                (``ingest --photo-shards``); ``"photos"`` is None otherwise.
+            pool: memory buffers to read into (see :meth:`open_verified`), or None.
+        """
+        stream = self.open_verified(shard, pool.lend() if pool is not None else None)
+        companion = None
+        if photos and shard.photos is not None:
+            try:
+                companion = self.open_verified(shard.photos, pool.lend() if pool is not None else None)
+            except BaseException:
+                stream.close()
+                raise
+        return {"url": shard.name, "stream": stream, "photos": companion}
+
     def metadata(self) -> EntityMetadata:
         files = {}
         for entry in self.manifest.metadata:
@@ -135,28 +154,64 @@ class ShardSource:
         return EntityMetadata.from_files(files)
 
 
-def verified_members(streams: Iterator[dict], keep: Callable[[str], bool]) -> Iterator[dict]:
+def verified_members(shards: Iterator[dict], keep: Callable[[str], bool]) -> Iterator[dict]:
     """The regular-file members of verified shards, as webdataset's ``tar_file_expander`` yields
     them (``fname``, ``data``, ``__url__``) for its ``group_by_keys``.
+
+    Args:
+        shards: ``{"url", "stream", "photos"}`` per shard (:meth:`ShardSource.open_shard`);
+            a photo companion's members are yielded with their samples, photo first, as a shard
+            without a companion orders them.
+        keep: which member names to read.
 
     A verified shard is a seekable file already checked whole, so it is read with the tar
     module's random-access mode, one read per member, rather than webdataset's streaming mode
     (which copies every member through 10 KB records: about a tenth of a sample's CPU time).
     """
-    for item in streams:
-        with item["stream"] as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
-            for member in archive:
-                if not member.isreg() or not keep(member.name):
-                    continue
-                # Straight from the member's offset: one copy (extractfile's reader makes three).
-                stream.seek(member.offset_data)
-                data = stream.read(member.size)
-                if len(data) != member.size:
-                    raise IntegrityError(
-                        f"{item['url']}: member {member.name} ends past the end of the shard"
-                    )
-                yield {"fname": member.name, "data": data, "__url__": item["url"]}
-            archive.members = []  # the random-access mode keeps every header otherwise
+    for item in shards:
+        photos: dict[str, list[dict]] | None = None
+        if item.get("photos") is not None:
+            with item["photos"] as companion:
+                photos = {}
+                for name, data in _tar_members(companion, keep, f"{item['url']} (its photo shard)"):
+                    photos.setdefault(_sample_key(name), []).append(_member(name, data, item["url"]))
+        with item["stream"] as stream:
+            key = None
+            for name, data in _tar_members(stream, keep, item["url"]):
+                if photos is not None and _sample_key(name) != key:
+                    key = _sample_key(name)
+                    if key not in photos:
+                        raise IntegrityError(f"{item['url']}: its photo shard has no photo of sample {key}")
+                    yield from photos.pop(key)
+                yield _member(name, data, item["url"])
+        if photos:
+            raise IntegrityError(
+                f"{item['url']}: its photo shard has photos of other samples ({sorted(photos)[:3]})"
+            )
+
+
+def _member(name: str, data: bytes, url: str) -> dict:
+    return {"fname": name, "data": data, "__url__": url}
+
+
+def _sample_key(name: str) -> str:
+    """The sample key of a member name, as webdataset splits it (at the base name's first dot)."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+
+
+def _tar_members(stream: BinaryIO, keep: Callable[[str], bool], url: str) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=stream, mode="r:") as archive:
+        for member in archive:
+            if not member.isreg() or not keep(member.name):
+                continue
+            # Straight from the member's offset: one copy (extractfile's reader makes three).
+            stream.seek(member.offset_data)
+            data = stream.read(member.size)
+            if len(data) != member.size:
+                raise IntegrityError(f"{url}: member {member.name} ends past the end of the shard")
+            yield member.name, data
+        archive.members = []  # the random-access mode keeps every header otherwise
 
 
 @dataclass(frozen=True)
@@ -220,18 +275,18 @@ class _AheadFetcher:
 
     def __init__(
         self,
-        open_verified: Callable[[ShardEntry, ShardBuffer], BinaryIO],
+        open_shard: Callable[[ShardEntry, BufferPool], dict],
         plan: Iterator[tuple[int, ShardEntry]],
     ):
-        self._open = open_verified
+        self._open = open_shard
         self._plan = plan
-        self._buffers = BufferPool()  # the shard read and the shard arriving: two, reused
+        self._buffers = BufferPool()  # the shard read and the one arriving (and their photo shards)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
         self._next = self._submit()
 
     def _submit(self) -> tuple[int, ShardEntry, concurrent.futures.Future]:
         epoch, shard = next(self._plan)
-        return epoch, shard, self._pool.submit(self._open, shard, self._buffers.lend())
+        return epoch, shard, self._pool.submit(self._open, shard, self._buffers)
 
     def next_epoch(self) -> int:
         return self._next[0]
@@ -254,7 +309,10 @@ class _AheadFetcher:
 
 def _close_result(fetch: concurrent.futures.Future) -> None:
     if not fetch.cancelled() and fetch.exception() is None:
-        fetch.result().close()
+        shard = fetch.result()
+        for stream in (shard["stream"], shard["photos"]):
+            if stream is not None:
+                stream.close()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -267,7 +325,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         split, part: camera and expression selection.
         rank, world_size: this process's place in the job.
         tex_size: texture side passed to the decoder.
-        fields: reference fields to decode (leave out ``photo`` when the screen loss is off).
+        fields: reference fields to decode (leave out ``photo`` when the screen loss is off:
+            photo shards, ``ingest --photo-shards``, are then never downloaded).
         seed: shuffle seed; the shard order of epoch e is the same on every rank.
         shuffle_buffer: samples held for shuffling, per worker.
         start_epoch: first epoch (a resumed run continues the shuffle sequence).
@@ -312,6 +371,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_epoch = start_epoch
         self.device_finish = device_finish
         self._needed = members_needed(self.fields)
+        self._photos = any(member.startswith("photo.") for member in self._needed)
         self._meta: EntityMetadata | None = None
         self.refused: list[str] = []
 
@@ -325,13 +385,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         while fetcher.next_epoch() == epoch:
             shard, fetch = fetcher.take()
             try:
-                stream = fetch.result()
+                files = fetch.result()
             except IntegrityError as error:
                 # Refused, reported, never trained on; the other shards go on.
                 self.refused.append(shard.name)
                 print(f"rank {self.rank}: refused shard {shard.name}: {error}", file=sys.stderr, flush=True)
                 continue
-            yield {"url": shard.name, "stream": stream}
+            yield files
 
     def _keep_member(self, name: str) -> bool:
         base = name.rsplit("/", 1)[-1]
@@ -355,7 +415,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             for epoch in itertools.count(self.start_epoch)
             for shard in slot_shards(self.shards, epoch, self.seed, slot, num_slots)
         )
-        with _AheadFetcher(self.source.open_verified, plan) as fetcher:
+
+        def open_shard(shard: ShardEntry, pool: BufferPool) -> dict:
+            return self.source.open_shard(shard, self._photos, pool)
+
+        with _AheadFetcher(open_shard, plan) as fetcher:
             yield from self._epochs(fetcher, cameras, rng, buffer_size)
 
     def _epochs(

@@ -167,10 +167,7 @@ class ShardPass(ShardStream):
         if self._meta is None:
             self._meta = self.source.metadata()
         slot, num_slots = self._slot()
-        streams = (
-            {"url": shard.name, "stream": self.source.open_verified(shard)}
-            for shard in self.shards[slot::num_slots]
-        )
+        streams = (self.source.open_shard(shard, self._photos) for shard in self.shards[slot::num_slots])
         for sample in group_by_keys(verified_members(streams, self._keep_member)):
             if self._wanted(SampleKey.from_key(sample["__key__"])):
                 yield self.decode(sample)

@@ -135,7 +135,9 @@ class BufferPool:
     """Shard buffers lent out one per shard in flight and taken back when the shard is closed.
 
     A worker with fetch-ahead holds two shards at a time (the one it reads, the one arriving),
-    so two buffers serve it for good; a caller that holds more simply gets more.
+    so two buffers serve it for good (four with photo shards); a caller that holds more simply
+    gets more. The last buffer released is lent first, so a shard and its photo shard, lent and
+    released in the same order each time, keep reusing buffers of their own sizes.
     """
 
     def __init__(self) -> None:

@@ -220,3 +220,33 @@ def test_webdataset_over_http_gets_every_sample(
         for member, source in MEMBER_SOURCES.items():
             expected = (entity_cache / source.format(exp=exp, frame=frame, cam=cam)).read_bytes()
             assert sample[member] == expected, (key, member)
+
+
+@pytest.mark.parametrize("photos", [True, False])
+def test_photo_shards_stream_from_the_service_as_from_the_folder(entity_cache, tmp_path, photos):
+    """Pins ``ingest --photo-shards`` over HTTP: the service serves each photo shard (a manifest
+    file like any other), and the trainer's stream from it yields the samples the same stream
+    reads from the folder, photo or not, byte for byte."""
+    import itertools
+
+    from shards.decode import ALL_FIELDS
+    from shards.ingest import ingest
+    from trainer.data import ShardSource, ShardStream, Split, select_shards
+
+    shard_root = tmp_path / "shards"
+    ingest(entity_cache, shard_root, shard_size=200_000, workers=2, photo_shards=True)
+    fields = ALL_FIELDS if photos else tuple(name for name in ALL_FIELDS if name != "photo")
+    with LiveServer(settings_for(entity_cache.parent, shard_root)) as server:
+        url = f"{base(server.url, entity_cache.name)}manifest.json"
+        epochs = []
+        for source in (ShardSource(str(shard_root / entity_cache.name)), ShardSource(url)):
+            shards, count = select_shards(source.manifest, Split(), "train")
+            stream = ShardStream(
+                source, shards, count, Split(), "train", 0, 1, 64, fields, seed=1, shuffle_buffer=2
+            )
+            samples = stream.raw_samples()
+            epochs.append(
+                [{k: v for k, v in s.items() if k != "__url__"} for s in itertools.islice(samples, count)]
+            )
+            samples.close()
+    assert epochs[0] == epochs[1] and all(("photo.png" in sample) == photos for sample in epochs[1])

@@ -4,6 +4,7 @@ when the stream stops early."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -88,17 +89,26 @@ def test_stopping_early_closes_the_shard_fetched_ahead(shard_folder):
     assert len(source.spools) >= 2 and all(spool.closed for spool in source.spools)
 
 
-def test_a_tampered_shard_is_still_refused_with_fetch_ahead(shard_folder, tmp_path):
-    """Pins the integrity rule through the fetch thread: a shard with a flipped byte is reported
-    and never yields a sample; the other shards go on."""
+@pytest.fixture(scope="module")
+def photo_folder(entity_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("photo-shards")
+    ingest(entity_cache, root, shard_size=400_000, workers=2, photo_shards=True)
+    return root / entity_cache.name
+
+
+@pytest.mark.parametrize("tampered", ["shard", "photo shard"])
+def test_a_tampered_shard_is_still_refused_with_fetch_ahead(shard_folder, photo_folder, tmp_path, tampered):
+    """Pins the integrity rule through the fetch thread: a shard (or the photo shard of a shard)
+    with a flipped byte is reported and never yields a sample; the other shards go on."""
     import shutil
 
-    folder = tmp_path / shard_folder.name
-    shutil.copytree(shard_folder, folder)
+    origin = photo_folder if tampered == "photo shard" else shard_folder
+    folder = tmp_path / origin.name
+    shutil.copytree(origin, folder)
     source = ShardSource(str(folder))
     stream = _stream(source)
     bad = stream.shards[1]
-    path = folder / bad.name
+    path = folder / (bad.photos.name if tampered == "photo shard" else bad.name)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -107,3 +117,31 @@ def test_a_tampered_shard_is_still_refused_with_fetch_ahead(shard_folder, tmp_pa
     urls = {next(samples)["__url__"] for _ in range(per_epoch)}
     samples.close()
     assert bad.name in stream.refused and bad.name not in urls
+
+
+def _members(sample: dict) -> dict:
+    return {name: value for name, value in sample.items() if name != "__url__"}
+
+
+@pytest.mark.parametrize("fields", [ALL_FIELDS, tuple(name for name in ALL_FIELDS if name != "photo")])
+def test_photo_shards_give_the_samples_of_whole_shards_and_are_fetched_only_for_photos(
+    shard_folder, photo_folder, fields
+):
+    """Pins ``ingest --photo-shards`` on the reading side: the stream yields the same samples, in
+    the same order and byte for byte, as from shards holding the photos; a run that reads no
+    photo never downloads a photo shard, one that does fetches each with its shard."""
+    whole = _RecordingSource(str(shard_folder))
+    split = _RecordingSource(str(photo_folder))
+    streams = []
+    for source in (whole, split):
+        chosen, count = select_shards(source.manifest, Split(test_prefixes=("E061",)), "train")
+        streams.append(ShardStream(source, chosen, count, Split(test_prefixes=("E061",)), "train", 0, 1, TEX,
+                                   fields, seed=3, shuffle_buffer=4))  # fmt: skip
+    per_epoch = sum(shard.num_samples for shard in streams[0].shards)
+    expected, got = (
+        [_members(sample) for sample in itertools.islice(stream.raw_samples(), per_epoch)]
+        for stream in streams
+    )
+    assert got == expected and all(("photo.png" in sample) == ("photo" in fields) for sample in got)
+    fetched_photos = [name for name in split.fetched if name.endswith(".photo.tar")]
+    assert bool(fetched_photos) == ("photo" in fields)
